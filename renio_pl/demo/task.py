@@ -1,0 +1,157 @@
+"""The demo task: two-digit addition, answer digits written least-significant first.
+
+`07+85=` is answered `290` (92 zero-padded to `092`, reversed), then EOS. A verifier checks
+answers exactly; a character tokenizer keeps models tiny. `build_assets` writes everything the
+demo config reads: a train / held-out split of all 10,000 problems as jsonl, a tokenizer with
+a chat template, and two random-init Qwen3 models trained by supervised fine-tuning for
+different data: a larger teacher trained on every training problem, and a smaller student
+that never saw a units carry (it solves carry-free problems and fails the others), so the
+teacher has something specific to teach.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+__all__ = ["DemoSpec", "build_assets", "make_tokenizer", "problem", "answer"]
+
+log = logging.getLogger(__name__)
+
+SPECIALS = ["<pad>", "<eos>", "<unk>"]
+CHARACTERS = list("0123456789+=")
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def problem(a: int, b: int) -> str:
+    """`a+b=` with both operands zero-padded to two digits."""
+    return f"{a:02d}+{b:02d}="
+
+
+def answer(a: int, b: int) -> str:
+    """The sum zero-padded to three digits, written least-significant digit first."""
+    return f"{a + b:03d}"[::-1]
+
+
+def make_tokenizer(characters: str = "".join(CHARACTERS), chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """A character tokenizer (one token per character, ids after `<pad>`, `<eos>`, `<unk>`)."""
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(dict.fromkeys(characters)))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@dataclass
+class ModelSpec:
+    """A tiny Qwen3 (head_dim 32, which vLLM's CPU backend needs) and its SFT budget."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    sft_steps: int
+    seed: int
+
+
+@dataclass
+class DemoSpec:
+    """Everything that shapes the demo assets; a change rebuilds them."""
+
+    held_out: int = 500
+    sft_batch_size: int = 128
+    sft_lr: float = 3e-3
+    teacher: ModelSpec = field(default_factory=lambda: ModelSpec(128, 3, 4, 256, sft_steps=500, seed=1))
+    student: ModelSpec = field(default_factory=lambda: ModelSpec(128, 3, 4, 256, sft_steps=400, seed=2))
+    student_sees_carries: bool = False
+    split_seed: int = 0
+    version: int = 2
+
+
+def _split(spec: DemoSpec) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    random.Random(spec.split_seed).shuffle(pairs)
+    return pairs[spec.held_out :], pairs[: spec.held_out]
+
+
+def _write_jsonl(path: Path, pairs: list[tuple[int, int]]) -> None:
+    with path.open("w") as f:
+        for a, b in pairs:
+            f.write(json.dumps({"prompt": problem(a, b), "answer": answer(a, b)}) + "\n")
+
+
+def _train_sft(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[int, int]], demo: DemoSpec
+) -> Qwen3ForCausalLM:
+    """Random-init Qwen3 trained to produce `answer<eos>` after `problem` (loss on the answer)."""
+    torch.manual_seed(spec.seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=max(1, spec.num_attention_heads // 2),
+        head_dim=32,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = Qwen3ForCausalLM(config)
+    rows = torch.tensor(
+        [tokenizer(problem(a, b) + answer(a, b))["input_ids"] + [tokenizer.eos_token_id] for a, b in pairs]
+    )  # (N, 10): 6 prompt tokens, 3 answer digits, EOS
+    optimizer = torch.optim.AdamW(model.parameters(), lr=demo.sft_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, demo.sft_lr, total_steps=spec.sft_steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(spec.seed)
+    model.train()
+    for _ in range(spec.sft_steps):
+        batch = rows[torch.randint(len(rows), (demo.sft_batch_size,), generator=generator)]
+        logits = model(input_ids=batch).logits[:, 5:-1]  # positions predicting the 3 digits and EOS
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 6:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+def build_assets(folder: str | Path, spec: DemoSpec | None = None) -> Path:
+    """Write the demo's data, tokenizer, student and teacher under `folder`; reuse them when cached.
+
+    Returns:
+        `folder`, holding `train.jsonl`, `heldout.jsonl`, `student/` and `teacher/`.
+    """
+    spec = spec or DemoSpec()
+    folder = Path(folder)
+    stamp = folder / "spec.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == asdict(spec):
+        log.info("demo assets cached in %s", folder)
+        return folder
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    train, held_out = _split(spec)
+    _write_jsonl(folder / "train.jsonl", train)
+    _write_jsonl(folder / "heldout.jsonl", held_out)
+    tokenizer = make_tokenizer()
+    carry_free = [(a, b) for a, b in train if a % 10 + b % 10 < 10]
+    for name in ("teacher", "student"):
+        pairs = carry_free if name == "student" and not spec.student_sees_carries else train
+        model = _train_sft(getattr(spec, name), tokenizer, pairs, spec)
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+        log.info("demo %s trained (%.0f s so far)", name, time.perf_counter() - start)
+    stamp.write_text(json.dumps(asdict(spec), indent=2))
+    return folder

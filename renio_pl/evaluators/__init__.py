@@ -1,0 +1,1 @@
+"""Answer extraction and correctness checking for evaluation benchmarks."""

@@ -1,0 +1,138 @@
+"""Scoring: log-probs, entropy and token losses of the sampled completion tokens.
+
+Stage 3 of the data flow (rollouts -> **log-probs** -> weights -> loss). Both models see the
+same completion tokens after their own prompt; logits come from
+`log_softmax(logits / temperature)` with the rollout's sampling temperature.
+
+Memory: the decoders return hidden states `(B, L, H)`; logits are made from them only for
+`chunk_tokens` generated positions at a time, inside activation checkpointing, so neither the
+forward nor the backward ever holds `(B, T, V)` float logits for the whole batch.
+
+Glossary: `B` rollouts, `P` padded prompt length, `T` completion tokens, `L = P + T`,
+`H` hidden size, `V` vocabulary, `N` generated tokens of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from renio_pl.losses import Loss
+
+__all__ = ["TokenScores", "completion_hidden_states", "score_tokens", "position_ids"]
+
+
+@dataclass
+class TokenScores:
+    """Per-token results of scoring one batch; all (B, T) float32, 0 off the mask.
+
+    Attributes:
+        student_logprobs: log pi_S of each sampled token, detached.
+        teacher_logprobs: log pi_T of each sampled token, detached.
+        student_entropy: student next-token entropy, detached.
+        token_loss: the `Loss` at each position, carrying the student's gradient.
+    """
+
+    student_logprobs: Tensor
+    teacher_logprobs: Tensor
+    student_entropy: Tensor
+    token_loss: Tensor
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """(B, L) int64 positions that skip left padding: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def completion_hidden_states(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_length: int
+) -> Tensor:
+    """Hidden states that predict each completion token.
+
+    Args:
+        model: a causal LM (`transformers` or a peft wrapper) with `get_decoder()`.
+        input_ids: (B, L) int64, prompt left-padded to `prompt_length`, completion right-padded.
+        attention_mask: (B, L) 0/1, 0 on padding.
+        prompt_length: `P`, the padded prompt width; completion token `t` sits at `P + t`.
+    Returns:
+        (B, T, H): the final hidden state at position `P - 1 + t`, which predicts token `t`.
+    """
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+    ).last_hidden_state  # (B, L, H)
+    return hidden[:, prompt_length - 1 : -1]
+
+
+def _score_chunk(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    targets: Tensor,
+    student_head: torch.nn.Module,
+    teacher_head: torch.nn.Module,
+    temperature: float,
+    loss: Loss,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(C, H_S), (C, H_T), (C,) -> four (C,) tensors: loss, student / teacher log-prob, entropy."""
+    student_logprobs = torch.log_softmax(student_head(student_hidden).float() / temperature, dim=-1)  # (C, V)
+    with torch.no_grad():
+        teacher_logprobs = torch.log_softmax(teacher_head(teacher_hidden).float() / temperature, dim=-1)  # (C, V)
+    token_loss = loss(student_logprobs, teacher_logprobs, targets)
+    student_sampled = student_logprobs.gather(-1, targets[:, None]).squeeze(-1).detach()
+    teacher_sampled = teacher_logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    probs = student_logprobs.detach().exp()
+    entropy = -(probs * student_logprobs.detach()).nan_to_num(nan=0.0).sum(dim=-1)
+    return token_loss, student_sampled, teacher_sampled, entropy
+
+
+def score_tokens(
+    student_hidden: Tensor,
+    student_head: torch.nn.Module,
+    teacher_hidden: Tensor,
+    teacher_head: torch.nn.Module,
+    targets: Tensor,
+    mask: Tensor,
+    temperature: float,
+    loss: Loss,
+    chunk_tokens: int = 4096,
+) -> TokenScores:
+    """Score the generated tokens of a batch, `chunk_tokens` positions at a time.
+
+    Args:
+        student_hidden: (B, T, H_S) from `completion_hidden_states`, with grad when training.
+        student_head: the student's output embedding (`get_output_embeddings()`).
+        teacher_hidden: (B, T, H_T), no grad.
+        teacher_head: the teacher's output embedding; same vocabulary `V` as the student's.
+        targets: (B, T) int64 sampled token ids.
+        mask: (B, T) bool, True on generated tokens.
+        temperature: the rollout's sampling temperature (> 0).
+        loss: the per-token objective.
+        chunk_tokens: generated positions turned into logits at once.
+    Returns:
+        `TokenScores`, each (B, T) float32.
+    """
+    mask = mask.bool()
+    flat_student = student_hidden[mask]  # (N, H_S)
+    flat_teacher = teacher_hidden.detach()[mask]  # (N, H_T)
+    flat_targets = targets[mask]  # (N,)
+    use_checkpoint = torch.is_grad_enabled() and flat_student.requires_grad
+    pieces = []
+    for start in range(0, flat_targets.numel(), chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        args = (flat_student[chunk], flat_teacher[chunk], flat_targets[chunk], student_head, teacher_head, temperature, loss)
+        pieces.append(checkpoint(_score_chunk, *args, use_reentrant=False) if use_checkpoint else _score_chunk(*args))
+    if pieces:
+        columns = [torch.cat(column) for column in zip(*pieces)]
+    else:
+        columns = [flat_student.new_zeros(0, dtype=torch.float32)] * 4
+
+    def unflatten(values: Tensor) -> Tensor:
+        full = values.new_zeros(mask.shape, dtype=torch.float32)
+        return full.masked_scatter(mask, values.float())
+
+    token_loss, student_sampled, teacher_sampled, entropy = (unflatten(column) for column in columns)
+    if not pieces:  # nothing generated: keep the loss attached to the graph so backward still works
+        token_loss = token_loss + 0.0 * student_hidden.sum()
+    return TokenScores(student_sampled.detach(), teacher_sampled.detach(), entropy.detach(), token_loss)

@@ -1,0 +1,140 @@
+"""Token-level distillation objectives and the weighted batch reduction (one home each).
+
+Stage 5 of the data flow (rollouts -> log-probs -> weights -> **loss**). A `Loss` maps one
+chunk of `N` generated positions to `N` per-token values; `logprobs.score_tokens` calls it
+chunk by chunk so that `[B, T, V]` logits never exist for the whole batch at once.
+`weighted_loss` turns `(B, T)` token values into the batch loss `mean_i w_i L_i`, with
+`L_i` the mean over sample `i`'s generated tokens.
+
+Glossary: `N` tokens in a chunk, `V` vocabulary, `B` rollouts, `T` completion tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from renio_pl.errors import ConfigError
+
+__all__ = ["Loss", "ForwardKL", "ReverseKL", "GeneralizedJSD", "SampledReverseKL", "weighted_loss"]
+
+# Teacher log-probs are floored here before entering a loss: a teacher that gives a sampled
+# token probability 0 (-inf) would otherwise make reverse KL infinite. exp(-1e4) is 0 in any dtype.
+TEACHER_LOGPROB_FLOOR = -1.0e4
+
+
+def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """(N, V) entries `p (log p - log q)` of KL(p || q); 0 where p == 0 (no 0 * inf NaN)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+
+
+class Loss(torch.nn.Module, ABC):
+    """Per-token objective on one chunk of generated positions."""
+
+    def forward(self, student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
+        """Per-token loss.
+
+        Args:
+            student_logprobs: (N, V) float32 `log_softmax(student_logits / temperature)`, with grad.
+            teacher_logprobs: (N, V) float32 teacher log-probs at the same positions, no grad.
+            targets: (N,) int64 sampled token ids.
+        Returns:
+            (N,) float32 loss of each position.
+        """
+        return self.token_loss(student_logprobs, teacher_logprobs.clamp(min=TEACHER_LOGPROB_FLOOR), targets)
+
+    @abstractmethod
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
+        """(N, V), (N, V), (N,) -> (N,); teacher log-probs already floored."""
+
+
+class ForwardKL(Loss):
+    """Full-vocabulary `KL(pi_T || pi_S)` per position: what the ReNIO release trains with.
+
+    Args:
+        clamp: if set, each vocabulary entry `pi_T(v) (log pi_T(v) - log pi_S(v))` is clamped
+            to `[0, clamp]` before the sum over `v` (the release uses 0.05; 0.06 for 8B).
+    """
+
+    def __init__(self, clamp: float | None = None) -> None:
+        super().__init__()
+        if clamp is not None and clamp <= 0:
+            raise ConfigError(f"model.loss.init_args.clamp must be > 0 or null; got {clamp}")
+        self.clamp = clamp
+
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
+        terms = _kl_terms(teacher_logprobs, student_logprobs)  # (N, V)
+        if self.clamp is not None:
+            terms = terms.clamp(0.0, self.clamp)
+        return terms.sum(dim=-1)
+
+
+class ReverseKL(Loss):
+    """Full-vocabulary `KL(pi_S || pi_T)` per position (mode-seeking)."""
+
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
+        return _kl_terms(student_logprobs, teacher_logprobs).sum(dim=-1)
+
+
+class GeneralizedJSD(Loss):
+    """Generalised Jensen-Shannon divergence of GKD (Agarwal et al., 2024), per position.
+
+    With `M = beta pi_T + (1 - beta) pi_S`:
+    `JSD(beta) = beta KL(pi_T || M) + (1 - beta) KL(pi_S || M)`. Its value goes to 0 at both
+    ends, so, as in GKD and TRL, the ends are defined as the two KLs they interpolate:
+    `beta = 0` is forward `KL(pi_T || pi_S)` and `beta = 1` is reverse `KL(pi_S || pi_T)`.
+
+    Args:
+        beta: interpolation coefficient in [0, 1].
+    """
+
+    def __init__(self, beta: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"model.loss.init_args.beta must be in [0, 1]; got {beta}")
+        self.beta = beta
+
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
+        if self.beta == 0.0:
+            return _kl_terms(teacher_logprobs, student_logprobs).sum(dim=-1)
+        if self.beta == 1.0:
+            return _kl_terms(student_logprobs, teacher_logprobs).sum(dim=-1)
+        mixture = torch.logsumexp(
+            torch.stack([teacher_logprobs + math.log(self.beta), student_logprobs + math.log(1.0 - self.beta)]),
+            dim=0,
+        )  # (N, V) log M
+        teacher_term = _kl_terms(teacher_logprobs, mixture).sum(dim=-1)
+        student_term = _kl_terms(student_logprobs, mixture).sum(dim=-1)
+        return self.beta * teacher_term + (1.0 - self.beta) * student_term
+
+
+class SampledReverseKL(Loss):
+    """Single-sample reverse KL (Lu et al., 2025): `stopgrad(l_t) * log pi_S(y_t)`.
+
+    Its gradient is the policy-gradient estimate of `grad KL(pi_S || pi_T)` with the sampled
+    token `y_t`; only the teacher's log-prob of that token enters.
+    """
+
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
+        student_sampled = student_logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        teacher_sampled = teacher_logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        return (student_sampled - teacher_sampled).detach() * student_sampled
+
+
+def weighted_loss(token_loss: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
+    """Batch loss `mean_i w_i L_i`, `L_i` the mean of sample `i`'s token losses over its mask.
+
+    Args:
+        token_loss: (B, T) float per-token loss (0 or anything off the mask).
+        mask: (B, T) bool, True on generated tokens.
+        weights: (B,) float32 detached weights.
+    Returns:
+        () float32; a row without tokens contributes 0.
+    """
+    mask = mask.to(token_loss.dtype)
+    per_sample = (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B,)
+    return (weights.detach().to(per_sample.dtype) * per_sample).mean()

@@ -1,0 +1,132 @@
+"""Prompts: data rows (jsonl, parquet or a hub data set) -> chat-formatted prompt token ids.
+
+Stage 1 of the data flow (**prompts** -> rollouts -> log-probs -> weights -> loss).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from renio_pl.errors import ConfigError
+
+__all__ = ["PromptRow", "PromptFormat", "load_rows", "render_prompt"]
+
+log = logging.getLogger(__name__)
+
+_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class PromptRow:
+    """One training or evaluation problem.
+
+    Attributes:
+        index: position in its data set.
+        problem: the problem text, before the template.
+        answer: the reference final answer, or None when the data has none.
+    """
+
+    index: int
+    problem: str
+    answer: str | None = None
+
+
+def _looks_like_path(source: str) -> bool:
+    return Path(source).suffix in _FILE_FORMATS or source.startswith((".", "/", "~"))
+
+
+def load_rows(
+    source: str, prompt_field: str, answer_field: str | None, split: str = "train", option: str = "data.train_path"
+) -> list[PromptRow]:
+    """Read problems from a jsonl / parquet file or a hub data set id, through `datasets`.
+
+    Args:
+        source: a local `.jsonl`, `.json` or `.parquet` file, or a hub data set id.
+        prompt_field: column holding the problem text.
+        answer_field: column holding the reference answer, or None for none.
+        split: the split of a hub data set.
+        option: the config key `source` came from, named in errors.
+    Returns:
+        One `PromptRow` per record, in file order.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        fmt = _FILE_FORMATS.get(path.suffix)
+        if fmt is None:
+            raise ConfigError(f"{option}: unsupported file type {path.suffix!r} ({source}); use .jsonl or .parquet")
+        try:
+            data = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        except Exception as error:  # datasets raises many types for unreadable files
+            raise ConfigError(f"{option}: cannot read {source} as {path.suffix}: {_first_line(error)}") from error
+    elif _looks_like_path(source):
+        raise ConfigError(f"{option}: file {source} does not exist; check the path")
+    else:
+        try:
+            data = datasets.load_dataset(source, split=split)
+        except Exception as error:  # offline hub, unknown id, missing split
+            raise ConfigError(
+                f"{option}: cannot load hub data set {source!r} (split {split!r}): {_first_line(error)}; "
+                "download it first or point to a local .jsonl / .parquet file"
+            ) from error
+    if len(data) == 0:
+        raise ConfigError(f"{option}: {source} has no records; give a file with at least one problem")
+    for name, key in ((prompt_field, "prompt_field"), (answer_field, "answer_field")):
+        if name is not None and name not in data.column_names:
+            raise ConfigError(
+                f"{option}: {source} has no column {name!r} (data.{key}); its columns are {', '.join(data.column_names)}"
+            )
+    problems = data[prompt_field]
+    answers = data[answer_field] if answer_field is not None else [None] * len(data)
+    return [
+        PromptRow(i, str(p), None if a is None else str(a)) for i, (p, a) in enumerate(zip(problems, answers))
+    ]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@dataclass
+class PromptFormat:
+    """How a problem becomes the prompt text the model sees.
+
+    Attributes:
+        template: user message, with `{problem}` where the problem goes.
+        system: an optional system message.
+        chat_template_kwargs: extra variables for the tokenizer's chat template
+            (for Qwen3: `{enable_thinking: false}`).
+    """
+
+    template: str = "{problem}"
+    system: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "{problem}" not in self.template:
+            raise ConfigError(f"data.prompt_format.template must contain {{problem}}; got {self.template!r}")
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, problem: str, prompt_format: PromptFormat) -> list[int]:
+    """Token ids of `problem` rendered with `prompt_format` and the tokenizer's chat template.
+
+    The chat template adds the generation prompt (the assistant turn's opening), so the first
+    generated token is the first completion token.
+    """
+    if tokenizer.chat_template is None:
+        raise ConfigError(
+            "the student's tokenizer has no chat template; use an instruct model or add a "
+            "chat_template to its tokenizer_config.json"
+        )
+    messages = [] if prompt_format.system is None else [{"role": "system", "content": prompt_format.system}]
+    messages.append({"role": "user", "content": prompt_format.template.format(problem=problem)})
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **prompt_format.chat_template_kwargs
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,225 @@
+"""Rollouts: the student samples completions for prompts, and they are batched for training.
+
+Stage 2 of the data flow (prompts -> **rollouts** -> log-probs -> weights -> loss).
+`RolloutGenerator` is the engine interface; `HFGenerator` runs `transformers` `generate`
+(batched, left-padded, seeded). `collate_rollouts` lays a list of `Rollout`s out as a
+`RolloutBatch`: each row is the prompt left-padded to the batch's widest prompt `P`,
+followed by the completion right-padded to `T`, so completion token `t` sits at `P + t`
+in every row.
+
+Glossary: `P` prompts (or padded prompt width, by context), `G` samples per prompt,
+`B` rollouts, `T` completion tokens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from renio_pl.errors import ConfigError
+
+__all__ = ["SamplingConfig", "Rollout", "RolloutBatch", "collate_rollouts", "RolloutGenerator", "HFGenerator"]
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled.
+
+    Attributes:
+        n: samples per prompt (`G`).
+        temperature: sampling temperature; 0 means greedy. Scoring uses the same value.
+        top_p: nucleus mass in (0, 1].
+        top_k: keep the k most likely tokens; 0 turns it off.
+        max_new_tokens: the longest completion (the prefix length `K` of prefix OPD).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"sampling n must be >= 1; got {self.n}")
+        if self.temperature < 0:
+            raise ConfigError(f"sampling temperature must be >= 0 (0 = greedy); got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling top_p must be in (0, 1]; got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"sampling top_k must be >= 0 (0 = off); got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sampling max_new_tokens must be >= 1; got {self.max_new_tokens}")
+
+
+@dataclass
+class Rollout:
+    """One sampled completion with what is known about it.
+
+    Attributes:
+        prompt_ids: the rendered prompt's token ids.
+        completion_ids: generated ids, up to and including EOS when the model stopped.
+        prompt_index: index of the prompt in its data set.
+        temperature: the sampling temperature it was drawn with.
+        answer: the reference answer, when the data has one.
+        correct: the verifier's verdict, when there is an answer.
+        text: the decoded completion (special tokens removed).
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    prompt_index: int
+    temperature: float
+    answer: str | None = None
+    correct: bool | None = None
+    text: str = ""
+
+
+@dataclass
+class RolloutBatch:
+    """A training micro-batch of rollouts.
+
+    Attributes:
+        input_ids: (B, P + T) int64, prompts left-padded, completions right-padded.
+        attention_mask: (B, P + T) int64, 0 on padding.
+        prompt_length: `P`, the padded prompt width.
+        completion_ids: (B, T) int64 sampled tokens (pad id off the mask).
+        completion_mask: (B, T) bool, True on generated tokens.
+        temperature: the sampling temperature of these rollouts (> 0; greedy rollouts use 1).
+        correct: (B,) float32 1.0 / 0.0 verifier labels, or None when the data has no answers.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_length: int
+    completion_ids: Tensor
+    completion_mask: Tensor
+    temperature: float
+    correct: Tensor | None = None
+
+
+def collate_rollouts(rollouts: list[Rollout], pad_token_id: int) -> RolloutBatch:
+    """Lay out rollouts as one `RolloutBatch` (prompts left-padded, completions right-padded)."""
+    prompt_width = max(len(r.prompt_ids) for r in rollouts)
+    completion_width = max(1, max(len(r.completion_ids) for r in rollouts))
+    rows, masks, completion_masks = [], [], []
+    for r in rollouts:
+        left = prompt_width - len(r.prompt_ids)
+        right = completion_width - len(r.completion_ids)
+        rows.append([pad_token_id] * left + r.prompt_ids + r.completion_ids + [pad_token_id] * right)
+        masks.append([0] * left + [1] * (len(r.prompt_ids) + len(r.completion_ids)) + [0] * right)
+        completion_masks.append([True] * len(r.completion_ids) + [False] * right)
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    temperatures = {r.temperature for r in rollouts}
+    if len(temperatures) != 1:
+        raise ValueError(f"a batch must share one sampling temperature; got {sorted(temperatures)}")
+    labels = [r.correct for r in rollouts]
+    correct = None if any(c is None for c in labels) else torch.tensor(labels, dtype=torch.float32)
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=torch.tensor(masks, dtype=torch.long),
+        prompt_length=prompt_width,
+        completion_ids=input_ids[:, prompt_width:],
+        completion_mask=torch.tensor(completion_masks, dtype=torch.bool),
+        temperature=temperatures.pop() or 1.0,
+        correct=correct,
+    )
+
+
+class RolloutGenerator(ABC):
+    """A rollout engine: samples completions of token-id prompts from a policy."""
+
+    @abstractmethod
+    def generate(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts_P: list[list[int]],
+        sampling: SamplingConfig,
+        seed: int,
+    ) -> list[list[list[int]]]:
+        """Sample `sampling.n` completions per prompt with the model's current weights.
+
+        Returns:
+            `completions_P_G`: token ids per prompt and sample, each ending at (and including)
+            the first EOS, or `max_new_tokens` long when the model did not stop.
+        """
+
+
+class HFGenerator(RolloutGenerator):
+    """`transformers` `generate`: batched, left-padded, seeded; always available.
+
+    Args:
+        batch_size: prompts per `generate` call (each expands to `n` sequences).
+    """
+
+    def __init__(self, batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"data.engine.init_args.batch_size must be >= 1; got {batch_size}")
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts_P: list[list[int]],
+        sampling: SamplingConfig,
+        seed: int,
+    ) -> list[list[list[int]]]:
+        eos_ids = _eos_token_ids(model, tokenizer)
+        config = GenerationConfig(
+            do_sample=sampling.temperature > 0,
+            temperature=sampling.temperature if sampling.temperature > 0 else None,
+            top_p=sampling.top_p if sampling.temperature > 0 else None,
+            top_k=sampling.top_k if sampling.temperature > 0 else None,
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=sampling.n,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos_ids,
+        )
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        completions_P_G: list[list[list[int]]] = []
+        devices = [device] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                for start in range(0, len(prompts_P), self.batch_size):
+                    chunk = prompts_P[start : start + self.batch_size]
+                    width = max(len(p) for p in chunk)
+                    input_ids = torch.tensor(
+                        [[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=device
+                    )
+                    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+                    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                    sequences = output[:, width:].tolist()  # (len(chunk) * n, <= max_new_tokens)
+                    for i in range(len(chunk)):
+                        group = sequences[i * sampling.n : (i + 1) * sampling.n]
+                        completions_P_G.append([_cut_at_eos(s, eos_ids) for s in group])
+        finally:
+            model.train(was_training)
+        return completions_P_G
+
+
+def _eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS ids from the model's generation config, else the tokenizer's."""
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = config_eos if config_eos is not None else tokenizer.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if not ids:
+        raise ConfigError("the student has no EOS token (generation_config.eos_token_id or tokenizer.eos_token)")
+    return ids
+
+
+def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    """Tokens up to and including the first EOS; all of them when there is none."""
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: i + 1]
+    return tokens
