@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from renio_pl.errors import ConfigError
 from renio_pl.losses import ForwardKL, Loss, weighted_loss
 from renio_pl.logprobs import TokenScores, completion_hidden_states, score_tokens
 from renio_pl.models import DType, LoRA, check_same_vocabulary, load_model, load_tokenizer
@@ -59,7 +60,7 @@ class DistillationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if chunk_tokens < 1:
-            raise ValueError(f"model.chunk_tokens must be >= 1; got {chunk_tokens}")
+            raise ConfigError(f"model.chunk_tokens must be >= 1; got {chunk_tokens}")
         self.save_hyperparameters(ignore=["weighter", "loss", "optimizer", "lr_scheduler"])
         self.weighter = weighter
         self.loss = loss
