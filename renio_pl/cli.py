@@ -14,7 +14,7 @@ from typing import NoReturn
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from renio_pl.datamodule import OnPolicyDataModule
-from renio_pl.errors import ConfigError
+from renio_pl.errors import ConfigError, TrainingDiverged
 from renio_pl.losses import Loss
 from renio_pl.module import DistillationModule
 from renio_pl.rollouts import RolloutGenerator
@@ -79,6 +79,9 @@ def main(args: list[str] | None = None) -> None:
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(2) from None
+    except TrainingDiverged as error:
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -3,40 +3,76 @@
 `train_dataloader()` takes the round's `prompts_per_epoch` prompts, has the rollout engine
 sample `n` completions of each with the student's current weights, grades them when the data
 has answers, and serves the rollouts as `RolloutBatch`es. `val_dataloader()` does the same
-for the held-out prompts with the evaluation sampling settings. Set
-`trainer.reload_dataloaders_every_n_epochs: 1` (configs/base.yaml does) so both regenerate.
-With several processes each rank generates the rollouts of its own share of the prompts.
+for the held-out prompts with the evaluation sampling settings, and `test_dataloader()` /
+`predict_dataloader()` for each benchmark in `test_sets`. Set
+`trainer.reload_dataloaders_every_n_epochs: 1` (the shipped configs do) so the training
+rounds regenerate. With several processes each rank generates the rollouts of its own share
+of the prompts. Every sample's randomness is keyed by (seed, round, prompt, sample)
+(`renio_pl.sampling`), so it is the same whatever the number of processes or batch size.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from functools import partial
+from itertools import islice
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
 from renio_pl.errors import ConfigError
-from renio_pl.evaluators.math import is_correct
+from renio_pl.evaluators.math import extract_answer, is_correct
 from renio_pl.models import load_tokenizer
 from renio_pl.prompts import PromptFormat, PromptRow, load_rows, render_prompt
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
+from renio_pl.sampling import stream_key
 
-__all__ = ["OnPolicyDataModule"]
+__all__ = ["EvalSet", "OnPolicyDataModule"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSet:
+    """A benchmark for `renio-pl test` / `predict`.
+
+    Attributes:
+        name: the name results are reported under (`test/<name>/avg@k`).
+        path: a jsonl / parquet file or a hub data set id.
+        prompt_field: column holding the problem text.
+        answer_field: column holding the reference answer; None for prompts without one.
+        answer_after: keep only the text after the last occurrence of this marker in the
+            answer (GSM8K: `####`); empty keeps the whole answer.
+        split: split of a hub data set.
+        limit: only the first `limit` problems (0: all), for quick runs; the report's problem
+            count shows it, and such a run is not the benchmark's number.
+    """
+
+    name: str
+    path: str
+    prompt_field: str = "problem"
+    answer_field: str | None = "answer"
+    answer_after: str = ""
+    split: str = "test"
+    limit: int = 0
+
+
+_VALIDATION_STREAM = "validation"  # names the random streams of validation samples
 
 
 class OnPolicyDataModule(pl.LightningDataModule):
     """Prompts in, freshly sampled on-policy rollouts out, every epoch.
 
     Args:
-        train_path: training prompts: a jsonl / parquet file or a hub data set id.
+        train_path: training prompts: a jsonl / parquet file or a hub data set id (needed to fit).
         val_path: held-out prompts with answers for validation accuracy, or None.
         tokenizer: the student's tokenizer (hub id or folder); linked from `model.student`.
         prompt_field: column holding the problem text.
@@ -47,19 +83,23 @@ class OnPolicyDataModule(pl.LightningDataModule):
         engine: the rollout engine.
         sampling: training rollouts: `n` per prompt, temperature, top_p, top_k, max_new_tokens.
         val_sampling: held-out samples (default: one greedy completion per prompt).
+        test_sets: benchmarks for `test` and `predict`.
+        test_sampling: their samples: `n` is the k of Avg@k (default: the paper's 12 samples
+            at temperature 1.0, top_p 0.95).
         prompts_per_epoch: prompts per rollout round (over all processes).
         batch_size: rollouts per training micro-batch.
-        val_batch_size: rollouts per validation batch.
+        val_batch_size: rollouts per validation, test or predict batch.
         max_prompt_tokens: longest rendered prompt; longer ones are handled per `long_prompts`.
         long_prompts: `error` stops with a message; `drop` skips them (and logs how many).
         verifier: `(completion, answer) -> bool`, an import path in YAML.
+        answer_extractor: `completion -> final answer or None`, for majority voting.
         seed: seeds prompt order, sampling and batch order (with the epoch and rank).
     """
 
     def __init__(
         self,
-        train_path: str,
-        tokenizer: str,
+        train_path: str | None = None,
+        tokenizer: str | None = None,
         val_path: str | None = None,
         prompt_field: str = "prompt",
         answer_field: str | None = "answer",
@@ -68,12 +108,15 @@ class OnPolicyDataModule(pl.LightningDataModule):
         engine: RolloutGenerator = lazy_instance(HFGenerator),
         sampling: SamplingConfig = SamplingConfig(),
         val_sampling: SamplingConfig = SamplingConfig(n=1, temperature=0.0),
+        test_sets: list[EvalSet] | None = None,
+        test_sampling: SamplingConfig = SamplingConfig(n=12, temperature=1.0, top_p=0.95),
         prompts_per_epoch: int = 32,
         batch_size: int = 8,
         val_batch_size: int = 64,
         max_prompt_tokens: int = 2048,
         long_prompts: Literal["error", "drop"] = "error",
         verifier: Callable[[str, str], bool] = is_correct,
+        answer_extractor: Callable[[str], str | None] = extract_answer,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -83,48 +126,104 @@ class OnPolicyDataModule(pl.LightningDataModule):
                 raise ConfigError(f"data.{name} must be >= 1; got {value}")
         if long_prompts not in ("error", "drop"):
             raise ConfigError(f"data.long_prompts must be error or drop; got {long_prompts!r}")
+        if tokenizer is None:
+            raise ConfigError("data.tokenizer is missing: give the student's hub id or folder (the CLI links model.student)")
         self.train_path, self.val_path, self.split = train_path, val_path, split
         self.prompt_field, self.answer_field = prompt_field, answer_field
         self.prompt_format = prompt_format
         self.engine, self.sampling, self.val_sampling = engine, sampling, val_sampling
+        self.test_sets, self.test_sampling = list(test_sets or []), test_sampling
+        names = [s.name for s in self.test_sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.test_sets: names must differ; got {names}")
+        if any(s.limit < 0 for s in self.test_sets):
+            raise ConfigError("data.test_sets: limit must be >= 0 (0: every problem)")
         self.prompts_per_epoch, self.batch_size, self.val_batch_size = prompts_per_epoch, batch_size, val_batch_size
         self.max_prompt_tokens, self.long_prompts = max_prompt_tokens, long_prompts
-        self.verifier, self.seed = verifier, seed
+        self.verifier, self.answer_extractor, self.seed = verifier, answer_extractor, seed
         self.tokenizer = load_tokenizer(tokenizer)
         self.train_rows: list[PromptRow] = []
         self.val_rows: list[PromptRow] = []
         self.train_prompt_ids: list[list[int]] = []
         self.val_prompt_ids: list[list[int]] = []
+        self.test_rows: dict[str, tuple[list[PromptRow], list[list[int]]]] = {}
         self.dropped_prompts = 0
+        self._round: list[Rollout] = []  # this rank's rollouts of round `_round_epoch`
+        self._round_epoch: int | None = None
 
     def setup(self, stage: str) -> None:
+        own_fields = (self.prompt_field, self.answer_field, self.split)
+        if stage == "fit" and self.train_path is None:
+            raise ConfigError("fit needs training prompts: set data.train_path to a .jsonl / .parquet file or a hub id")
         if stage == "fit" and not self.train_rows:
-            self.train_rows, self.train_prompt_ids = self._prepare(self.train_path, "data.train_path")
+            self.train_rows, self.train_prompt_ids = self._prepare(self.train_path, "data.train_path", self.sampling, "data.sampling", *own_fields)
         if stage in ("fit", "validate") and self.val_path is not None and not self.val_rows:
-            self.val_rows, self.val_prompt_ids = self._prepare(self.val_path, "data.val_path")
+            self.val_rows, self.val_prompt_ids = self._prepare(self.val_path, "data.val_path", self.val_sampling, "data.val_sampling", *own_fields)
+        if stage in ("test", "predict") and not self.test_rows:
+            if not self.test_sets:
+                command = "test" if stage == "test" else "predict"
+                raise ConfigError(f"{command} needs benchmarks: set data.test_sets (see configs/eval/)")
+            for i, eval_set in enumerate(self.test_sets):
+                rows, ids = self._prepare(
+                    eval_set.path, f"data.test_sets[{i}].path", self.test_sampling, "data.test_sampling", eval_set.prompt_field, eval_set.answer_field,
+                    eval_set.split, eval_set.answer_after or None,
+                )
+                end = eval_set.limit or len(rows)
+                self.test_rows[eval_set.name] = rows[:end], ids[:end]
 
-    def _prepare(self, source: str, option: str) -> tuple[list[PromptRow], list[list[int]]]:
-        """Load rows and render their prompts, applying the prompt-length policy."""
-        rows = load_rows(source, self.prompt_field, self.answer_field, self.split, option)
+    def _prepare(
+        self,
+        source: str,
+        option: str,
+        sampling: SamplingConfig,
+        sampling_option: str,
+        prompt_field: str,
+        answer_field: str | None,
+        split: str,
+        answer_after: str | None = None,
+    ) -> tuple[list[PromptRow], list[list[int]]]:
+        """Load rows and render their prompts, applying the prompt-length policy.
+
+        A prompt is too long past `max_prompt_tokens`, or when it and the stage's
+        `max_new_tokens` do not fit in the student's context (`max_position_embeddings`).
+        """
+        rows = load_rows(source, prompt_field, answer_field, split, option, answer_after=answer_after)
+        limit, reason = self.max_prompt_tokens, f"data.max_prompt_tokens={self.max_prompt_tokens}"
+        context = self._student_context()
+        if context is not None:
+            new_tokens = sampling.max_new_tokens
+            if new_tokens >= context:
+                raise ConfigError(
+                    f"{sampling_option}.max_new_tokens={new_tokens} leaves no room for a prompt in the student's "
+                    f"context of {context} tokens; lower it"
+                )
+            if context - new_tokens < limit:
+                limit = context - new_tokens
+                reason = f"the student's context ({context} tokens) minus {sampling_option}.max_new_tokens={new_tokens}"
         kept_rows, kept_ids = [], []
         for row in rows:
             ids = render_prompt(self.tokenizer, row.problem, self.prompt_format)
-            if len(ids) > self.max_prompt_tokens:
+            if len(ids) > limit:
                 if self.long_prompts == "error":
                     raise ConfigError(
-                        f"{option}: record {row.index} renders to {len(ids)} prompt tokens, over "
-                        f"data.max_prompt_tokens={self.max_prompt_tokens}; raise it or set data.long_prompts=drop"
+                        f"{option}: record {row.index} renders to {len(ids)} prompt tokens, over {reason}; "
+                        "shorten it, make room, or set data.long_prompts=drop"
                     )
                 continue
             kept_rows.append(row)
             kept_ids.append(ids)
         dropped = len(rows) - len(kept_rows)
         if dropped:
-            rank_zero_info(f"{option}: dropped {dropped} of {len(rows)} prompts longer than {self.max_prompt_tokens} tokens")
+            rank_zero_info(f"{option}: dropped {dropped} of {len(rows)} prompts longer than {limit} tokens ({reason})")
             self.dropped_prompts += dropped
         if not kept_rows:
-            raise ConfigError(f"{option}: every prompt is longer than data.max_prompt_tokens={self.max_prompt_tokens}")
+            raise ConfigError(f"{option}: every prompt is longer than {limit} tokens ({reason})")
         return kept_rows, kept_ids
+
+    def _student_context(self) -> int | None:
+        """The student's `max_position_embeddings`, when a trainer with our module is attached."""
+        student = getattr(getattr(self.trainer, "lightning_module", None), "student", None)
+        return getattr(getattr(student, "config", None), "max_position_embeddings", None)
 
     # --- one rollout round -------------------------------------------------------------------
     def round_prompt_indices(self, epoch: int) -> list[int]:
@@ -144,52 +243,122 @@ class OnPolicyDataModule(pl.LightningDataModule):
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def generate_rollouts(
-        self, rows: list[PromptRow], prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int
+        self, rows: list[PromptRow], prompt_ids: list[list[int]], sampling: SamplingConfig, seeds: list[int]
     ) -> list[Rollout]:
         """Sample `sampling.n` completions per prompt with the current student, decode and grade."""
         policy = self.trainer.lightning_module.student
-        completions_P_G = self.engine.generate(policy, self.tokenizer, prompt_ids, sampling, seed)
+        completions_P_G = self.engine.generate(policy, self.tokenizer, prompt_ids, sampling, seeds)
         rollouts = []
         for row, ids, completions in zip(rows, prompt_ids, completions_P_G):
-            for completion in completions:
+            for j, completion in enumerate(completions):
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
                 correct = None if row.answer is None else bool(self.verifier(text, row.answer))
-                rollouts.append(Rollout(ids, completion, row.index, sampling.temperature, row.answer, correct, text))
+                rollouts.append(
+                    Rollout(ids, completion, row.index, sampling.temperature, j, row.answer, correct, text,
+                            self.answer_extractor(text))
+                )
         return rollouts
 
     def train_dataloader(self) -> DataLoader:
+        """This rank's rollouts of round `current_epoch`: sampled now, or restored from a checkpoint."""
         epoch = self.trainer.current_epoch
         rank, world = self._rank()
-        indices = self.round_prompt_indices(epoch)[rank::world]
-        seed = self.seed * 1_000_003 + epoch * 1_009 + rank
-        rollouts = self.generate_rollouts(
-            [self.train_rows[i] for i in indices], [self.train_prompt_ids[i] for i in indices], self.sampling, seed
+        if self._round_epoch != epoch:
+            indices = self.round_prompt_indices(epoch)[rank::world]
+            rows, ids = [self.train_rows[i] for i in indices], [self.train_prompt_ids[i] for i in indices]
+            seeds = [stream_key(self.seed, epoch, row.index) for row in rows]
+            self._round, self._round_epoch = self.generate_rollouts(rows, ids, self.sampling, seeds), epoch
+        order = torch.Generator().manual_seed(stream_key(self.seed, epoch, rank))
+        return _RoundLoader(
+            self._batches_done, self._round, batch_size=self.batch_size, shuffle=True, generator=order,
+            collate_fn=self._collate,
         )
-        order = torch.Generator().manual_seed(seed)
-        return DataLoader(
-            rollouts, batch_size=self.batch_size, shuffle=True, generator=order, collate_fn=self._collate
-        )
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch done so far (read from the fit loop's progress)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def state_dict(self) -> dict:
+        """The current round's rollouts (every rank's), so a run resumed mid-epoch trains on the same ones."""
+        if self._round_epoch is None:
+            return {}
+        rounds = [[asdict(r) for r in self._round]]
+        if dist.is_available() and dist.is_initialized():
+            rounds = [None] * dist.get_world_size()
+            dist.all_gather_object(rounds, [asdict(r) for r in self._round])
+        return {"epoch": self._round_epoch, "rounds": rounds}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        rank, world = self._rank()
+        if len(state["rounds"]) != world:
+            raise ConfigError(
+                f"the checkpoint's round was sampled by {len(state['rounds'])} processes, this run has {world}; "
+                "resume with the same number of processes or from an end-of-epoch checkpoint"
+            )
+        self._round_epoch, self._round = state["epoch"], [Rollout(**r) for r in state["rounds"][rank]]
 
     def val_dataloader(self) -> DataLoader:
         """Held-out rollouts, sampled when iterated (so each validation sees the current student)."""
         if not self.val_rows:
             return []
+        return self._evaluation_loader(_VALIDATION_STREAM, self.val_rows, self.val_prompt_ids, self.val_sampling)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per benchmark in `test_sets`, yielding lists of graded `Rollout`s."""
+        return [
+            self._evaluation_loader(name, *self.test_rows[name], self.test_sampling) for name in self.test_rows
+        ]
+
+    predict_dataloader = test_dataloader
+
+    def _evaluation_loader(
+        self, stream: str, rows: list[PromptRow], prompt_ids: list[list[int]], sampling: SamplingConfig
+    ) -> DataLoader:
+        """This rank's share of the problems; each sample keyed by (seed, stream, problem, sample)."""
         rank, world = self._rank()
-        rows, ids = self.val_rows[rank::world], self.val_prompt_ids[rank::world]
-        sample = partial(self.generate_rollouts, rows, ids, self.val_sampling, self.seed * 7_919 + rank)
-        return DataLoader(_SampledOnIteration(sample, self.val_batch_size, self._collate), batch_size=None)
+        rows, prompt_ids = rows[rank::world], prompt_ids[rank::world]
+        seeds = [stream_key(self.seed, zlib.crc32(stream.encode()), row.index) for row in rows]
+        sample = partial(self.generate_rollouts, rows, prompt_ids, sampling, seeds)
+        return DataLoader(_SampledOnIteration(sample, self.val_batch_size), batch_size=None)
 
     def _collate(self, rollouts: list[Rollout]) -> RolloutBatch:
         return collate_rollouts(rollouts, self.tokenizer.pad_token_id)
 
 
-class _SampledOnIteration(IterableDataset):
-    """Batches of rollouts that are sampled anew each time the data set is iterated."""
+class _RoundLoader(DataLoader):
+    """The round's training loader, resumable mid-epoch (Lightning saves and restores its state).
 
-    def __init__(self, sample: Callable[[], list[Rollout]], batch_size: int, collate: Callable) -> None:
-        self.sample, self.batch_size, self.collate = sample, batch_size, collate
+    Its state is the number of batches already trained this epoch, taken from the fit loop
+    rather than counted here (Lightning fetches a batch ahead). After `load_state_dict` the
+    next pass skips those batches; `len` stays the whole epoch, as Lightning's counters expect.
+    """
+
+    def __init__(self, batches_done: Callable[[], int], *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done, self.skip = batches_done, 0
+
+    def state_dict(self) -> dict:
+        return {"batches_done": self.batches_done()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skip = state["batches_done"]
 
     def __iter__(self) -> Iterator[RolloutBatch]:
+        # A generator: Lightning creates iterators it never draws from, so the skip (and the
+        # sampler's shuffle) are taken by the first batch actually drawn, not by `iter()`.
+        skip, self.skip = self.skip, 0
+        yield from islice(super().__iter__(), skip, None)
+
+
+class _SampledOnIteration(IterableDataset):
+    """Lists of rollouts, sampled anew each time the data set is iterated."""
+
+    def __init__(self, sample: Callable[[], list[Rollout]], batch_size: int) -> None:
+        self.sample, self.batch_size = sample, batch_size
+
+    def __iter__(self) -> Iterator[list[Rollout]]:
         rollouts = self.sample()
         for start in range(0, len(rollouts), self.batch_size):
-            yield self.collate(rollouts[start : start + self.batch_size])
+            yield rollouts[start : start + self.batch_size]

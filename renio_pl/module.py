@@ -15,13 +15,14 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torch.nn import ModuleDict
 
-from renio_pl.errors import ConfigError
+from renio_pl.errors import ConfigError, TrainingDiverged
+from renio_pl.evaluators.accuracy import accuracy_metrics, completion_record, compute_accuracy, update_accuracy
 from renio_pl.losses import ForwardKL, Loss, weighted_loss
 from renio_pl.logprobs import TokenScores, completion_hidden_states, score_tokens
 from renio_pl.models import DType, LoRA, check_same_vocabulary, load_model, load_tokenizer
-from renio_pl.rollouts import RolloutBatch
+from renio_pl.rollouts import Rollout, RolloutBatch
 from renio_pl.weighters import UniformWeighter, Weighter, WeighterInputs
 
 __all__ = ["DistillationModule"]
@@ -34,7 +35,8 @@ class DistillationModule(pl.LightningModule):
 
     Args:
         student: hub id or local folder of the trainable student.
-        teacher: hub id or local folder of the frozen teacher (same tokenizer as the student).
+        teacher: hub id or local folder of the frozen teacher (same tokenizer as the student);
+            needed to fit, not to validate, test or predict.
         weighter: how much each rollout counts (`renio_pl.weighters`).
         loss: the per-token objective (`renio_pl.losses`).
         dtype: dtype both models are loaded in.
@@ -43,12 +45,14 @@ class DistillationModule(pl.LightningModule):
         lr_scheduler: optional scheduler, stepped every optimizer step.
         chunk_tokens: generated positions turned into full-vocabulary logits at once.
         evaluate_before_fit: log held-out accuracy at step 0, before the first update.
+        pass_at_k: the k of each pass@k reported next to Avg@k and maj@k (those above the
+            samples per problem are left out).
     """
 
     def __init__(
         self,
         student: str,
-        teacher: str,
+        teacher: str | None = None,
         weighter: Weighter = lazy_instance(UniformWeighter),
         loss: Loss = lazy_instance(ForwardKL),
         dtype: DType = "float32",
@@ -57,6 +61,7 @@ class DistillationModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         chunk_tokens: int = 4096,
         evaluate_before_fit: bool = True,
+        pass_at_k: list[int] = [4],
     ) -> None:
         super().__init__()
         if chunk_tokens < 1:
@@ -68,28 +73,27 @@ class DistillationModule(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.chunk_tokens = chunk_tokens
         self.evaluate_before_fit = evaluate_before_fit
+        if any(k < 1 for k in pass_at_k):
+            raise ConfigError(f"model.pass_at_k values must be >= 1; got {pass_at_k}")
+        self.pass_at_k = list(pass_at_k)
         self.student = load_model(student, dtype, student_lora, option="model.student").train()
-        teacher_model = load_model(teacher, dtype, option="model.teacher")
-        check_same_vocabulary(
-            self.student, teacher_model, load_tokenizer(student), load_tokenizer(teacher, option="model.teacher")
-        )
-        teacher_model.requires_grad_(False).eval()
-        self._frozen = [teacher_model]  # a list, so the teacher is not a registered child
-        self.val_accuracy = MeanMetric()
+        self._frozen: list[torch.nn.Module] = []  # a list, so the teacher is not a registered child
+        if teacher is not None:
+            teacher_model = load_model(teacher, dtype, option="model.teacher")
+            check_same_vocabulary(
+                self.student, teacher_model, load_tokenizer(student), load_tokenizer(teacher, option="model.teacher")
+            )
+            self._frozen.append(teacher_model.requires_grad_(False).eval())
 
     @property
     def teacher(self) -> torch.nn.Module:
         """The frozen teacher (eval mode, no gradients, not in the state dict)."""
         return self._frozen[0]
 
-    def _place_teacher(self) -> None:
-        self.teacher.to(self.device).eval()
-
     def on_fit_start(self) -> None:
-        self._place_teacher()
-
-    def on_validation_start(self) -> None:
-        self._place_teacher()
+        if not self._frozen:
+            raise ConfigError("fit needs a teacher: set model.teacher to a hub id or a local model folder")
+        self.teacher.to(self.device).eval()
 
     # --- the data flow -----------------------------------------------------------------------
     def score(self, batch: RolloutBatch) -> TokenScores:
@@ -113,17 +117,42 @@ class DistillationModule(pl.LightningModule):
             self.chunk_tokens,
         )
 
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor | None:
+        """The batch loss; None (no backward, no optimizer step) when every process weighted all rollouts 0."""
         scores = self.score(batch)
         inputs = WeighterInputs(
             scores.student_logprobs, scores.teacher_logprobs, batch.completion_mask, scores.student_entropy, batch.correct
         )
         weights = self.weighter(inputs)  # (B,)
         loss = weighted_loss(scores.token_loss, batch.completion_mask, weights)
-        self._log_training(batch, inputs, weights, loss)
-        return loss
+        self._check_finite(loss)
+        skipped = self.trainer.strategy.reduce_boolean_decision(bool(weights.sum() == 0), all=True)
+        self._log_training(batch, inputs, weights, loss, skipped)
+        return None if skipped else loss
 
-    def _log_training(self, batch: RolloutBatch, inputs: WeighterInputs, weights: Tensor, loss: Tensor) -> None:
+    def _check_finite(self, loss: Tensor) -> None:
+        """Stops every process, before the update, when any process's loss is NaN or inf."""
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            self._diverged(f"the training loss is not finite (here {loss.item()})")
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The update; then stops the run, before any checkpoint of it, if it made a weight NaN or inf."""
+        super().optimizer_step(*args, **kwargs)
+        norm = torch.nn.utils.get_total_norm([p for p in self.student.parameters() if p.requires_grad])
+        if not torch.isfinite(norm):  # the same on every process: DDP keeps the weights equal
+            self._diverged("the update made the student's weights NaN or inf")
+
+    def _diverged(self, what: str) -> None:
+        checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or None
+        raise TrainingDiverged(
+            f"{what} at step {self.global_step}, epoch {self.current_epoch}; the last good checkpoint is "
+            f"{checkpoint or 'none (no checkpoint was written)'}; lower the learning rate or check the data, "
+            "then resume from it with --ckpt_path"
+        )
+
+    def _log_training(
+        self, batch: RolloutBatch, inputs: WeighterInputs, weights: Tensor, loss: Tensor, skipped: bool
+    ) -> None:
         mask = batch.completion_mask
         tokens = mask.sum().clamp(min=1)
         metrics = {
@@ -131,6 +160,7 @@ class DistillationModule(pl.LightningModule):
             "train/kl": inputs.log_ratio().nan_to_num(posinf=0.0, neginf=0.0).sum() / tokens,
             "rollout/len_mean": mask.sum(dim=1).float().mean(),
             "weights/kept_share": (weights > 0).float().mean(),
+            "train/skipped_step": float(skipped),  # 1: every rollout weighted 0, no update
         }
         metrics.update({f"weights/{k}": v for k, v in self.weighter.statistics(inputs, weights).items()})
         if batch.correct is not None:
@@ -138,27 +168,54 @@ class DistillationModule(pl.LightningModule):
         self.log_dict(metrics, batch_size=mask.shape[0], prog_bar=False)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=mask.shape[0])
 
-    # --- held-out accuracy -------------------------------------------------------------------
-    def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
-        if batch.correct is None:
+    # --- evaluation: held-out accuracy during fit, benchmarks in test ------------------------
+    def setup(self, stage: str) -> None:
+        """Builds the accuracy metrics of the stage (samples per problem come from the data module)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage in ("fit", "validate"):
+            self.val_metrics = accuracy_metrics(_samples_per_problem(datamodule, "val_sampling"), self.pass_at_k)
+        if stage == "test":
+            names = [eval_set.name for eval_set in getattr(datamodule, "test_sets", [])]
+            n = _samples_per_problem(datamodule, "test_sampling")
+            self.test_metrics = ModuleDict({name: accuracy_metrics(n, self.pass_at_k) for name in names})
+
+    def validation_step(self, batch: list[Rollout], batch_idx: int) -> None:
+        update_accuracy(self.val_metrics, batch, self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.val_metrics.reset()
             return
-        self.val_accuracy.update(batch.correct)
-        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=batch.correct.shape[0])
+        results = _validation_names(compute_accuracy(self.val_metrics))
+        if results:
+            self.log_dict(results, prog_bar=True, sync_dist=True)  # equal on every rank already
+
+    def test_step(self, batch: list[Rollout], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        update_accuracy(list(self.test_metrics.values())[dataloader_idx], batch, self.device)
+        return [completion_record(rollout) for rollout in batch]
+
+    def on_test_epoch_end(self) -> None:
+        for name, metrics in self.test_metrics.items():
+            results = compute_accuracy(metrics)
+            self.log_dict({f"test/{name}/{metric}": value for metric, value in results.items()}, sync_dist=True)
+
+    def predict_step(self, batch: list[Rollout], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        return [completion_record(rollout) for rollout in batch]
 
     def on_train_start(self) -> None:
-        """Held-out accuracy of the initial student, logged at step 0."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not self.evaluate_before_fit or datamodule is None or not getattr(datamodule, "val_rows", None):
+        """Prompts dropped for length, and held-out accuracy of the initial student, logged at step 0."""
+        if self.global_step > 0:  # a resumed run logged them when it started
             return
-        metric = MeanMetric().to(self.device)
-        for batch in datamodule.val_dataloader():
-            if batch.correct is not None:
-                metric.update(batch.correct.to(self.device))
-        accuracy = float(metric.compute())
+        datamodule = getattr(self.trainer, "datamodule", None)
+        metrics = {"data/dropped_prompts": float(getattr(datamodule, "dropped_prompts", 0))}
+        if self.evaluate_before_fit and getattr(datamodule, "val_rows", None):
+            for batch in datamodule.val_dataloader():
+                update_accuracy(self.val_metrics, batch, self.device)
+            metrics.update(_validation_names(compute_accuracy(self.val_metrics)))
+            if self.trainer.is_global_zero and "val/accuracy" in metrics:
+                log.info("held-out accuracy before training: %.4f", metrics["val/accuracy"])
         for logger in self.loggers:
-            logger.log_metrics({"val/accuracy": accuracy}, step=0)
-        if self.trainer.is_global_zero:
-            log.info("held-out accuracy before training: %.4f", accuracy)
+            logger.log_metrics(metrics, step=0)
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -167,3 +224,14 @@ class DistillationModule(pl.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _samples_per_problem(datamodule, attribute: str) -> int:
+    """`n` of the data module's sampling settings for an evaluation stage (1 without them)."""
+    sampling = getattr(datamodule, attribute, None)
+    return sampling.n if sampling is not None else 1
+
+
+def _validation_names(results: dict[str, float]) -> dict[str, float]:
+    """Validation metrics as logged: `val/accuracy` for Avg@n, the others under their own names."""
+    return {f"val/{'accuracy' if name.startswith('avg@') else name}": value for name, value in results.items()}

@@ -5,6 +5,7 @@ Stage 1 of the data flow (**prompts** -> rollouts -> log-probs -> weights -> los
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,18 @@ def _looks_like_path(source: str) -> bool:
 
 
 def load_rows(
-    source: str, prompt_field: str, answer_field: str | None, split: str = "train", option: str = "data.train_path"
+    source: str,
+    prompt_field: str,
+    answer_field: str | None,
+    split: str = "train",
+    option: str = "data.train_path",
+    answer_after: str | None = None,
 ) -> list[PromptRow]:
     """Read problems from a jsonl / parquet file or a hub data set id, through `datasets`.
+
+    A local file listed in the nearest `SHA256SUMS` above it (its own folder or a parent;
+    `sha256sum` format, paths relative to that folder) must match its sha256 there; files
+    not listed, or with no `SHA256SUMS` above them, load unchecked.
 
     Args:
         source: a local `.jsonl`, `.json` or `.parquet` file, or a hub data set id.
@@ -52,14 +62,26 @@ def load_rows(
         answer_field: column holding the reference answer, or None for none.
         split: the split of a hub data set.
         option: the config key `source` came from, named in errors.
+        answer_after: a marker the answer follows (GSM8K: `"####"`); each answer becomes the
+            stripped text after its last occurrence. None keeps answers whole.
     Returns:
         One `PromptRow` per record, in file order.
+    Raises:
+        ConfigError: unreadable or missing data, a missing column, a sha256 mismatch, or a
+            record whose answer has nothing after `answer_after`.
     """
+    if answer_after is not None and (not answer_after or answer_field is None):
+        raise ConfigError(
+            f"{option}: answer_after {answer_after!r} needs a non-empty marker and an answer column (data.answer_field)"
+        )
     path = Path(source).expanduser()
     if path.is_file():
         fmt = _FILE_FORMATS.get(path.suffix)
         if fmt is None:
             raise ConfigError(f"{option}: unsupported file type {path.suffix!r} ({source}); use .jsonl or .parquet")
+        _check_sha256(path, source, option)
+        if path.stat().st_size == 0:
+            raise ConfigError(f"{option}: {source} is empty (0 bytes); give a file with at least one problem")
         try:
             data = datasets.load_dataset(fmt, data_files=str(path), split="train")
         except Exception as error:  # datasets raises many types for unreadable files
@@ -83,9 +105,40 @@ def load_rows(
             )
     problems = data[prompt_field]
     answers = data[answer_field] if answer_field is not None else [None] * len(data)
-    return [
-        PromptRow(i, str(p), None if a is None else str(a)) for i, (p, a) in enumerate(zip(problems, answers))
-    ]
+    answers = [None if a is None else str(a) for a in answers]
+    if answer_after is not None:
+        for i, answer in enumerate(answers):
+            _, marker, tail = (answer or "").rpartition(answer_after)
+            if not marker or not tail.strip():
+                raise ConfigError(
+                    f"{option}: record {i} of {source} has no answer after {answer_after!r} (answer_after) "
+                    f"in column {answer_field!r}; fix the record or the marker"
+                )
+            answers[i] = tail.strip()
+    return [PromptRow(i, str(p), a) for i, (p, a) in enumerate(zip(problems, answers))]
+
+
+def _check_sha256(path: Path, source: str, option: str) -> None:
+    """Raise if `path` is listed in the nearest `SHA256SUMS` above it with another sha256."""
+    path = path.resolve()
+    folder = next((parent for parent in path.parents if (parent / "SHA256SUMS").is_file()), None)
+    if folder is None:
+        return
+    sums_path, name = folder / "SHA256SUMS", path.relative_to(folder).as_posix()
+    entries = (line.partition(" ") for line in sums_path.read_text().splitlines())
+    # "<hex>  <name>" (text mode) or "<hex> *<name>" (binary mode)
+    expected = next((digest for digest, _, rest in entries if rest[1:] == name), None)
+    if expected is None:
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected.lower():
+        raise ConfigError(
+            f"{option}: {source} does not match its sha256 in {sums_path} (expected {expected}, got "
+            f"{digest.hexdigest()}); restore the file or update SHA256SUMS"
+        )
 
 
 def _first_line(error: Exception) -> str:

@@ -14,13 +14,16 @@ Glossary: `P` prompts (or padded prompt width, by context), `G` samples per prom
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 
 from renio_pl.errors import ConfigError
+from renio_pl.sampling import KeyedGumbelSampler, stream_key
 
 __all__ = ["SamplingConfig", "Rollout", "RolloutBatch", "collate_rollouts", "RolloutGenerator", "HFGenerator"]
 
@@ -65,18 +68,22 @@ class Rollout:
         completion_ids: generated ids, up to and including EOS when the model stopped.
         prompt_index: index of the prompt in its data set.
         temperature: the sampling temperature it was drawn with.
+        sample_index: which of its prompt's `n` samples it is.
         answer: the reference answer, when the data has one.
         correct: the verifier's verdict, when there is an answer.
         text: the decoded completion (special tokens removed).
+        final_answer: the answer extracted from `text`, None when there is none.
     """
 
     prompt_ids: list[int]
     completion_ids: list[int]
     prompt_index: int
     temperature: float
+    sample_index: int = 0
     answer: str | None = None
     correct: bool | None = None
     text: str = ""
+    final_answer: str | None = None
 
 
 @dataclass
@@ -140,9 +147,12 @@ class RolloutGenerator(ABC):
         tokenizer: PreTrainedTokenizerBase,
         prompts_P: list[list[int]],
         sampling: SamplingConfig,
-        seed: int,
+        seeds_P: list[int],
     ) -> list[list[list[int]]]:
         """Sample `sampling.n` completions per prompt with the model's current weights.
+
+        Sample `j` of prompt `i` draws from the random stream `stream_key(seeds_P[i], j)`
+        (`renio_pl.sampling`), so it does not depend on the batch it is generated in.
 
         Returns:
             `completions_P_G`: token ids per prompt and sample, each ending at (and including)
@@ -151,7 +161,11 @@ class RolloutGenerator(ABC):
 
 
 class HFGenerator(RolloutGenerator):
-    """`transformers` `generate`: batched, left-padded, seeded; always available.
+    """`transformers` `generate`: batched, left-padded, keyed sampling; always available.
+
+    Sampling is exactly what `SamplingConfig` says: the checkpoint's own
+    `generation_config.json` (Qwen3 ships temperature 0.6, top_k 20) is set aside while
+    generating, so the tokens are drawn from the distribution the loss scores them under.
 
     Args:
         batch_size: prompts per `generate` call (each expands to `n` sequences).
@@ -169,16 +183,14 @@ class HFGenerator(RolloutGenerator):
         tokenizer: PreTrainedTokenizerBase,
         prompts_P: list[list[int]],
         sampling: SamplingConfig,
-        seed: int,
+        seeds_P: list[int],
     ) -> list[list[list[int]]]:
+        if len(seeds_P) != len(prompts_P):
+            raise ValueError(f"one seed per prompt: {len(prompts_P)} prompts, {len(seeds_P)} seeds")
         eos_ids = _eos_token_ids(model, tokenizer)
         config = GenerationConfig(
-            do_sample=sampling.temperature > 0,
-            temperature=sampling.temperature if sampling.temperature > 0 else None,
-            top_p=sampling.top_p if sampling.temperature > 0 else None,
-            top_k=sampling.top_k if sampling.temperature > 0 else None,
+            do_sample=False,  # sampling is greedy decoding of Gumbel-perturbed logits (KeyedGumbelSampler)
             max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=sampling.n,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos_ids,
         )
@@ -186,18 +198,26 @@ class HFGenerator(RolloutGenerator):
         was_training = model.training
         model.eval()
         completions_P_G: list[list[list[int]]] = []
-        devices = [device] if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
+            with _own_generation_config(model, config):
                 for start in range(0, len(prompts_P), self.batch_size):
                     chunk = prompts_P[start : start + self.batch_size]
+                    rows = [p for p in chunk for _ in range(sampling.n)]  # prompt-major: row i * n + j
+                    keys = [stream_key(seed, j) for seed in seeds_P[start : start + len(chunk)] for j in range(sampling.n)]
                     width = max(len(p) for p in chunk)
-                    input_ids = torch.tensor(
-                        [[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=device
+                    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in rows], device=device)
+                    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=device)
+                    processors = LogitsProcessorList()
+                    if sampling.temperature > 0:
+                        processors.append(
+                            KeyedGumbelSampler(
+                                torch.tensor(keys, device=device), width, sampling.temperature, sampling.top_k, sampling.top_p
+                            )
+                        )
+                    output = model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                        logits_processor=processors,
                     )
-                    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-                    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
                     sequences = output[:, width:].tolist()  # (len(chunk) * n, <= max_new_tokens)
                     for i in range(len(chunk)):
                         group = sequences[i * sampling.n : (i + 1) * sampling.n]
@@ -205,6 +225,18 @@ class HFGenerator(RolloutGenerator):
         finally:
             model.train(was_training)
         return completions_P_G
+
+
+@contextmanager
+def _own_generation_config(model: torch.nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """Stand `config` in for the checkpoint's generation config, whose values would fill its unset fields."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps the HF one
+    saved = target.generation_config
+    target.generation_config = config
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 def _eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -34,7 +34,7 @@ def tiny_qwen3(seed: int, vocab_size: int, hidden_size: int = 64, layers: int = 
     config = Qwen3Config(
         vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=hidden_size // 32,
         num_key_value_heads=1, head_dim=32, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-        max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False,
+        max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False,
     )
     return Qwen3ForCausalLM(config).eval()
 

@@ -9,18 +9,36 @@ import pytest
 import yaml
 
 from renio_pl.cli import main
+from tests.conftest import tiny_qwen3, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+FIT_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# configs/eval/: whole configs name their benchmarks; the others are fragments they include
+EVAL_CONFIGS = sorted(p for p in (ROOT / "configs" / "eval").glob("*.yaml") if "test_sets:" in p.read_text())
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_shipped_config_parses(config, capsys):
+@pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_fit_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["student"] and printed["data"]["train_path"]
+
+
+@pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_eval_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    sets = printed["data"]["test_sets"]
+    assert sets and all((ROOT / s["path"]).is_file() for s in sets)
+    assert printed["data"]["test_sampling"] == {
+        "n": 12, "temperature": 1.0, "top_p": 0.95, "top_k": 0, "max_new_tokens": 38912
+    }  # the paper's evaluation settings
+    assert printed["data"]["prompt_format"]["chat_template_kwargs"] == {"enable_thinking": True}
+    assert printed["trainer"]["callbacks"][0]["class_path"] == "renio_pl.callbacks.EvaluationReport"
 
 
 def run_cli(args, capsys):
@@ -52,14 +70,34 @@ def fit_args(model_dirs, prompt_file):
         (["--data.max_prompt_tokens", "3"], "over data.max_prompt_tokens=3"),
         (["--model.loss", "renio_pl.losses.GeneralizedJSD", "--model.loss.beta", "2"], "beta must be in [0, 1]"),
         (["--data.sampling.top_p", "0"], "top_p must be in (0, 1]"),
+        (["--trainer.max_epochs", "three"], "option --trainer.max_epochs"),
+        (["--model.teacher", "{wide_teacher}"], "output vocabulary has"),
+        (["--model.teacher", "null"], "fit needs a teacher: set model.teacher"),
+        (["--data.train_path", "null"], "fit needs training prompts: set data.train_path"),
+        (["--data.train_path", "{empty_file}"], "is empty (0 bytes)"),
+        (["--data.sampling.max_new_tokens", "2048"], "leaves no room for a prompt in the student's context of 2048"),
+        (["--data.sampling.max_new_tokens", "2040"], "over the student's context (2048 tokens) minus data.sampling"),
+        (["--data.engine.batch_size", "0"], "batch_size must be >= 1"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(fit_args, extra, message, capsys, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(fit_args, extra, message, capsys, tmp_path, model_dirs):
+    wide_teacher = tmp_path / "wide"  # same tokenizer, 8 more output rows
+    if "{wide_teacher}" in extra:
+        tiny_qwen3(1, len(tiny_tokenizer()) + 8).save_pretrained(wide_teacher)
+        tiny_tokenizer().save_pretrained(wide_teacher)
+    empty_file = tmp_path / "empty.jsonl"
+    empty_file.write_text("")
+    extra = [arg.format(wide_teacher=wide_teacher, empty_file=empty_file) for arg in extra]
     code, err = run_cli(fit_args + extra + ["--trainer.default_root_dir", str(tmp_path)], capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
+
+
+def test_test_without_benchmarks_is_one_line(model_dirs, capsys):
+    code, err = run_cli(["test", "--model.student", str(model_dirs["student"]), "--trainer.accelerator", "cpu"], capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("error: test needs benchmarks: set data.test_sets")
 
 
 def test_malformed_yaml(fit_args, tmp_path, capsys):

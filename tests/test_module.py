@@ -58,3 +58,51 @@ def test_readme_own_pipeline_example_runs(model_dirs, prompt_file, tmp_path, mon
     exec(compile(block.replace("max_epochs=3", "max_epochs=1"), "README.md", "exec"), namespace)
     assert namespace["trainer"].global_step > 0
     assert (tmp_path / "runs" / "own").is_dir()
+
+
+def test_a_batch_weighted_all_zero_makes_no_update_and_is_logged(model_dirs, prompt_file, tmp_path):
+    """OracleWeighter(correct_only) on a random student: nothing is correct, so no step changes it."""
+    from renio_pl.weighters import OracleWeighter
+
+    student, teacher = str(model_dirs["student"]), str(model_dirs["teacher"])
+    model = DistillationModule(student, teacher, weighter=OracleWeighter(mode="correct_only"))
+    data = OnPolicyDataModule(
+        str(prompt_file), tokenizer=student, sampling=SamplingConfig(n=2, max_new_tokens=4), prompts_per_epoch=4,
+        batch_size=4,
+    )
+    before = {k: v.clone() for k, v in model.student.state_dict().items()}
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
+        log_every_n_steps=1, enable_progress_bar=False,
+    )
+    trainer.fit(model, data)
+    assert all(torch.equal(before[k], v) for k, v in model.student.state_dict().items())  # not even Adam moved it
+    rows = [r for r in csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")) if r.get("train/loss")]
+    assert rows and all(r["train/skipped_step"] == "1.0" and float(r["train/loss"]) == 0.0 for r in rows)
+    assert all(r["rollout/accuracy"] == "0.0" for r in rows)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dirs, prompt_file, tmp_path):
+    """A learning rate that grows 1e12-fold a step blows the weights up; no broken checkpoint is saved."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "renio_pl.cli", "fit", "--model.student", str(model_dirs["student"]),
+        "--model.teacher", str(model_dirs["teacher"]), "--data.train_path", str(prompt_file),
+        "--data.sampling.max_new_tokens", "4", "--data.prompts_per_epoch", "4", "--data.batch_size", "2",
+        "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1e-3",
+        "--model.lr_scheduler", "torch.optim.lr_scheduler.ExponentialLR", "--model.lr_scheduler.gamma", "1e12", "--trainer.max_epochs", "5",
+        "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1",
+        "--trainer.callbacks.save_last", "true", "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", **__import__("os").environ})
+    assert done.returncode == 1, done.stderr[-2000:]
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: (the training loss is not finite|the update made the student's weights NaN or inf)", last_line)
+    assert "Traceback" not in done.stderr
+    assert str(tmp_path / "ckpt" / "last.ckpt") in last_line
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] >= 1
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())

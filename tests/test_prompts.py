@@ -24,7 +24,7 @@ def test_bad_data_gives_one_clear_error(prompt_file, tmp_path):
         load_rows("missing.jsonl", "prompt", "answer")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ConfigError, match="no records|cannot read"):
+    with pytest.raises(ConfigError, match=r"is empty \(0 bytes\)"):
         load_rows(str(empty), "prompt", "answer")
     with pytest.raises(ConfigError, match="has no column 'question' \\(data.prompt_field\\); its columns are prompt, answer"):
         load_rows(str(prompt_file), "question", "answer")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from renio_pl.errors import ConfigError
 from renio_pl.rollouts import HFGenerator, Rollout, SamplingConfig, collate_rollouts
@@ -35,10 +36,10 @@ def test_hf_engine_is_seeded_and_samples_n(policy):
     sampling = SamplingConfig(n=3, temperature=1.0, top_p=0.95, top_k=20, max_new_tokens=6)
     engine = HFGenerator(batch_size=2)
     model.train()
-    first = engine.generate(model, tokenizer, prompts, sampling, seed=11)
+    first = engine.generate(model, tokenizer, prompts, sampling, [11, 12, 13])
     assert model.training  # the engine restores the mode it found
-    assert first == engine.generate(model, tokenizer, prompts, sampling, seed=11)
-    assert first != engine.generate(model, tokenizer, prompts, sampling, seed=12)
+    assert first == engine.generate(model, tokenizer, prompts, sampling, [11, 12, 13])
+    assert first != engine.generate(model, tokenizer, prompts, sampling, [11, 12, 14])
     assert len(first) == 3 and all(len(group) == 3 for group in first)
     for group in first:
         for completion in group:
@@ -50,8 +51,8 @@ def test_hf_engine_greedy_is_argmax_and_batch_independent(policy):
     model, tokenizer = policy
     prompts = [tokenizer("12+3=")["input_ids"], tokenizer("9")["input_ids"]]
     greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=4)
-    batched = HFGenerator(batch_size=2).generate(model, tokenizer, prompts, greedy, seed=0)
-    single = HFGenerator(batch_size=1).generate(model, tokenizer, prompts, greedy, seed=5)
+    batched = HFGenerator(batch_size=2).generate(model, tokenizer, prompts, greedy, [0, 1])
+    single = HFGenerator(batch_size=1).generate(model, tokenizer, prompts, greedy, [5, 6])
     assert batched == single
     ids = list(prompts[1])
     with torch.no_grad():
@@ -66,3 +67,31 @@ def test_hf_engine_greedy_is_argmax_and_batch_independent(policy):
 def test_bad_sampling_options(kwargs):
     with pytest.raises(ConfigError):
         SamplingConfig(**kwargs)
+
+
+def test_hf_engine_samples_are_keyed_not_batched(policy):
+    """A sample depends on its prompt's seed only: not on batch size, order or neighbours."""
+    model, tokenizer = policy
+    prompts = [tokenizer(text)["input_ids"] for text in ("1+2=", "What is 3?", "7", "88*9")]
+    sampling = SamplingConfig(n=3, temperature=1.3, top_k=30, top_p=0.9, max_new_tokens=6)
+    together = HFGenerator(batch_size=4).generate(model, tokenizer, prompts, sampling, [1, 2, 3, 4])
+    alone = [HFGenerator(batch_size=1).generate(model, tokenizer, [p], sampling, [s])[0] for p, s in zip(prompts, [1, 2, 3, 4])]
+    reversed_order = HFGenerator(batch_size=3).generate(model, tokenizer, prompts[::-1], sampling, [4, 3, 2, 1])
+    assert together == alone == reversed_order[::-1]
+    assert len({tuple(map(tuple, group)) for group in together}) == 4
+
+
+def test_hf_engine_ignores_the_checkpoint_generation_config(policy):
+    """Qwen3 checkpoints ship temperature 0.6 / top_k 20; sampling must follow SamplingConfig only."""
+    model, tokenizer = policy
+    prompts = [tokenizer("12+3=")["input_ids"]]
+    greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=5)
+    plain = HFGenerator().generate(model, tokenizer, prompts, greedy, [0])
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.6, top_k=20, repetition_penalty=5.0, no_repeat_ngram_size=1, eos_token_id=1
+    )
+    try:
+        assert HFGenerator().generate(model, tokenizer, prompts, greedy, [0]) == plain
+    finally:
+        model.generation_config = saved
