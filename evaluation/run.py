@@ -53,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     label = args.label or Path(args.student.rstrip("/")).name
     run_folder = Path("runs") / "eval" / label
     command = [
-        "renio-pl", "test", "--config", str((CONFIGS / f"{args.benchmarks[0]}.yaml").relative_to(ROOT)),
+        "test", "--config", str((CONFIGS / f"{args.benchmarks[0]}.yaml").relative_to(ROOT)),
         "--model.student", args.student,
         "--data.test_sets", json.dumps(benchmark_sets(args.benchmarks, args.limit)),
         "--trainer.logger.init_args.save_dir", str(run_folder),
         *extra,
     ]
-    print("$", shlex.join(command), flush=True)
-    if subprocess.run(command, cwd=ROOT).returncode != 0:
+    print("$ renio-pl", shlex.join(command), flush=True)
+    if subprocess.run([sys.executable, "-m", "renio_pl.cli", *command], cwd=ROOT).returncode != 0:
         return 1
     results = max((ROOT / run_folder).glob("**/eval/results.md"), key=lambda p: p.stat().st_mtime)
     report = ROOT / "evaluation" / "results" / f"{label}.md"

@@ -12,7 +12,7 @@ from renio_pl.cli import main
 from tests.conftest import tiny_qwen3, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-FIT_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+FIT_CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "paper").glob("*.yaml")])
 # configs/eval/: whole configs name their benchmarks; the others are fragments they include
 EVAL_CONFIGS = sorted(p for p in (ROOT / "configs" / "eval").glob("*.yaml") if "test_sets:" in p.read_text())
 
@@ -24,6 +24,10 @@ def test_every_shipped_fit_config_parses(config, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["student"] and printed["data"]["train_path"]
+    checkpoints = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert checkpoints and checkpoints[0]["init_args"]["save_last"] is True  # periodic + last.ckpt by default
+    assert checkpoints[0]["init_args"]["every_n_train_steps"] > 0
+    assert printed["trainer"]["plugins"][0]["class_path"] == "renio_pl.checkpointing.AtomicCheckpointIO"
 
 
 @pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -66,6 +70,7 @@ def fit_args(model_dirs, prompt_file):
         (["--model.teacher", "nobody/no-such-model"], "HF_HUB_OFFLINE=1 is set"),
         (["--data.train_path", "missing.jsonl"], "data.train_path: file missing.jsonl does not exist"),
         (["--data.prompt_field", "question"], "has no column 'question' (data.prompt_field)"),
+        (["--data.answer_field", "solution"], "has no column 'solution' (data.answer_field)"),
         (["--model.weighter", "OracleWeighter", "--data.answer_field", "null"], "OracleWeighter needs correctness labels"),
         (["--data.max_prompt_tokens", "3"], "over data.max_prompt_tokens=3"),
         (["--model.loss", "renio_pl.losses.GeneralizedJSD", "--model.loss.beta", "2"], "beta must be in [0, 1]"),

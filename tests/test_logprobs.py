@@ -99,3 +99,50 @@ def test_empty_batch_scores_to_zero_and_backpropagates():
     loss = weighted_loss(scores.token_loss, batch.completion_mask, torch.ones(3))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(loss)
+
+
+class MaskedHead(torch.nn.Module):
+    """A teacher head that gives some tokens probability 0 (logit -inf), as a masked vocabulary does."""
+
+    def __init__(self, head: torch.nn.Module, banned: list[int]) -> None:
+        super().__init__()
+        self.head, self.banned = head, banned
+
+    def forward(self, hidden):
+        logits = self.head(hidden)
+        logits[..., self.banned] = float("-inf")
+        return logits
+
+
+@pytest.mark.parametrize("loss_name", ["ForwardKL", "ReverseKL", "GeneralizedJSD", "SampledReverseKL"])
+def test_edge_rows_keep_loss_weights_and_gradients_finite(loss_name):
+    """-inf teacher log-prob on a sampled token, an EOS-only completion and an all-padding row."""
+    from renio_pl import losses
+    from renio_pl.weighters import ReNIOWeighter, WeighterInputs
+
+    student, teacher = tiny_qwen3(0, VOCAB), tiny_qwen3(1, VOCAB)
+    rollouts = [
+        Rollout([5, 6, 7], [9, 10, 11], 0, TEMPERATURE),  # token 10 is impossible under the teacher
+        Rollout([12, 13], [1], 1, TEMPERATURE),  # EOS at its first token
+        Rollout([15], [18, 19], 2, TEMPERATURE),
+    ]
+    batch = collate_rollouts(rollouts, pad_token_id=0)
+    batch.completion_mask[2] = False  # a row with no trained token at all
+    loss = getattr(losses, loss_name)()
+    student_hidden = completion_hidden_states(student, batch.input_ids, batch.attention_mask, batch.prompt_length)
+    with torch.no_grad():
+        teacher_hidden = completion_hidden_states(teacher, batch.input_ids, batch.attention_mask, batch.prompt_length)
+    scores = score_tokens(
+        student_hidden, student.get_output_embeddings(), teacher_hidden,
+        MaskedHead(teacher.get_output_embeddings(), banned=[10, 30]), batch.completion_ids, batch.completion_mask,
+        batch.temperature, loss, chunk_tokens=2,
+    )
+    assert scores.teacher_logprobs[0, 1] == float("-inf")  # the case is really there
+    weights = ReNIOWeighter(threshold=0.8)(WeighterInputs(
+        scores.student_logprobs, scores.teacher_logprobs, batch.completion_mask, scores.student_entropy
+    ))
+    total = weighted_loss(scores.token_loss, batch.completion_mask, weights)
+    total.backward()
+    assert torch.isfinite(weights).all() and weights[2] == 0 and weights[0] > weights[1]
+    assert torch.isfinite(total) and (total > 0 or loss_name == "SampledReverseKL")  # its surrogate can be < 0
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)

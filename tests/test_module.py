@@ -106,3 +106,41 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(mode
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] >= 1
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+def test_lora_student_fits_and_only_its_adapters_change(model_dirs, prompt_file, tmp_path):
+    from renio_pl.models import LoRA
+
+    student, teacher = str(model_dirs["student"]), str(model_dirs["teacher"])
+    model = DistillationModule(student, teacher, student_lora=LoRA(r=4, alpha=8), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    data = OnPolicyDataModule(
+        str(prompt_file), tokenizer=student, sampling=SamplingConfig(n=2, max_new_tokens=4), prompts_per_epoch=4, batch_size=4
+    )
+    before = {k: v.clone() for k, v in model.student.state_dict().items()}
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, data)
+    after = model.student.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(before[k], v)}
+    assert changed and all("lora_" in k for k in changed)
+    trained = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert trained == {id(p) for n, p in model.student.named_parameters() if "lora_" in n}
+
+
+def test_prompts_too_long_are_dropped_and_counted(model_dirs, prompt_file, tmp_path):
+    from renio_pl.prompts import PromptFormat, load_rows, render_prompt
+
+    student, teacher = str(model_dirs["student"]), str(model_dirs["teacher"])
+    model = DistillationModule(student, teacher)
+    data = OnPolicyDataModule(
+        str(prompt_file), tokenizer=student, sampling=SamplingConfig(n=1, max_new_tokens=3), prompts_per_epoch=2,
+        batch_size=2, long_prompts="drop",
+    )
+    lengths = [len(render_prompt(data.tokenizer, r.problem, PromptFormat())) for r in load_rows(str(prompt_file), "prompt", "answer")]
+    data.max_prompt_tokens = max(lengths) - 1
+    expected = sum(length > data.max_prompt_tokens for length in lengths)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
+                         enable_progress_bar=False)
+    trainer.fit(model, data)
+    assert 0 < expected < len(lengths) and len(data.train_rows) == len(lengths) - expected
+    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    assert float(rows[0]["data/dropped_prompts"]) == expected
