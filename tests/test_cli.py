@@ -127,3 +127,10 @@ def test_real_process_fit_and_error(model_dirs, prompt_file, tmp_path):
     bad = subprocess.run(command + ["--model.weighter", "Nope"], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[0].startswith("error: option --model.weighter")
+
+
+def test_validate_subcommand_reports_held_out_accuracy(model_dirs, prompt_file, tmp_path, capsys):
+    main(["validate", "--model.student", str(model_dirs["student"]), "--data.val_path", str(prompt_file),
+          "--data.val_sampling.max_new_tokens", "3", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+          "--trainer.default_root_dir", str(tmp_path)])
+    assert "val/accuracy" in capsys.readouterr().out
