@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 
 from renio_pl.errors import ConfigError
@@ -198,8 +199,11 @@ class HFGenerator(RolloutGenerator):
         was_training = model.training
         model.eval()
         completions_P_G: list[list[list[int]]] = []
+        progress = tqdm(  # a bar only when sampling takes several generate calls
+            total=len(prompts_P), desc="sampling", unit="prompt", leave=False, disable=len(prompts_P) <= self.batch_size
+        )
         try:
-            with _own_generation_config(model, config):
+            with _own_generation_config(model, config), progress:
                 for start in range(0, len(prompts_P), self.batch_size):
                     chunk = prompts_P[start : start + self.batch_size]
                     rows = [p for p in chunk for _ in range(sampling.n)]  # prompt-major: row i * n + j
@@ -222,6 +226,7 @@ class HFGenerator(RolloutGenerator):
                     for i in range(len(chunk)):
                         group = sequences[i * sampling.n : (i + 1) * sampling.n]
                         completions_P_G.append([_cut_at_eos(s, eos_ids) for s in group])
+                    progress.update(len(chunk))
         finally:
             model.train(was_training)
         return completions_P_G
