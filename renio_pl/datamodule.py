@@ -184,7 +184,8 @@ class OnPolicyDataModule(pl.LightningDataModule):
     ) -> tuple[list[PromptRow], list[list[int]]]:
         """Load rows and render their prompts, applying the prompt-length policy.
 
-        A prompt is too long past `max_prompt_tokens`, or when it and the stage's
+        With an answer field, records whose answer is missing or empty are dropped and
+        counted (in `dropped_prompts`, logged as `data/dropped_prompts`). A prompt is too long past `max_prompt_tokens`, or when it and the stage's
         `max_new_tokens` do not fit in the student's context (`max_position_embeddings`).
         """
         rows = load_rows(source, prompt_field, answer_field, split, option, answer_after=answer_after)
@@ -200,6 +201,11 @@ class OnPolicyDataModule(pl.LightningDataModule):
             if context - new_tokens < limit:
                 limit = context - new_tokens
                 reason = f"the student's context ({context} tokens) minus {sampling_option}.max_new_tokens={new_tokens}"
+        unanswered = [row for row in rows if answer_field is not None and not row.answer]
+        if unanswered:  # a batch is labelled only when every rollout has an answer
+            rank_zero_info(f"{option}: dropped {len(unanswered)} records without an answer (first: record {unanswered[0].index})")
+            self.dropped_prompts += len(unanswered)
+            rows = [row for row in rows if answer_field is None or row.answer]
         kept_rows, kept_ids = [], []
         for row in rows:
             ids = render_prompt(self.tokenizer, row.problem, self.prompt_format)

@@ -144,3 +144,14 @@ def test_prompts_too_long_are_dropped_and_counted(model_dirs, prompt_file, tmp_p
     assert 0 < expected < len(lengths) and len(data.train_rows) == len(lengths) - expected
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
     assert float(rows[0]["data/dropped_prompts"]) == expected
+
+
+def test_records_without_an_answer_are_dropped_and_counted(model_dirs, tmp_path):
+    import json
+
+    path = tmp_path / "partly_answered.jsonl"
+    answers = ["1", None, "3", "", "5"]
+    path.write_text("".join(json.dumps({"prompt": f"{i}+0=", "answer": a}) + "\n" for i, a in enumerate(answers)))
+    data = OnPolicyDataModule(str(path), tokenizer=str(model_dirs["student"]))
+    data.setup("fit")
+    assert [row.index for row in data.train_rows] == [0, 2, 4] and data.dropped_prompts == 2
