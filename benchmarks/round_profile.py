@@ -20,7 +20,6 @@ from renio_pl.demo.task import build_assets
 from renio_pl.losses import ForwardKL, Loss, weighted_loss
 from renio_pl.module import DistillationModule
 from renio_pl.rollouts import SamplingConfig, collate_rollouts
-from renio_pl.sampling import stream_key
 from renio_pl import weighters
 from renio_pl.weighters import WeighterInputs
 
@@ -66,10 +65,7 @@ def main() -> None:
     for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
         seconds = dict.fromkeys(totals, 0.0)
         start = time.perf_counter()
-        indices = data.round_prompt_indices(round_index)
-        rows, prompt_ids = [data.train_rows[i] for i in indices], [data.train_prompt_ids[i] for i in indices]
-        seeds = [stream_key(data.seed, round_index, row.index) for row in rows]
-        rollouts = data.generate_rollouts(rows, prompt_ids, data.sampling, seeds)
+        rollouts = data.sample_round(round_index)
         seconds["rollout"] = time.perf_counter() - start
         for first in range(0, len(rollouts), data.batch_size):
             batch = collate_rollouts(rollouts[first : first + data.batch_size], data.tokenizer.pad_token_id)

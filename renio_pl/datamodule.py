@@ -156,17 +156,21 @@ class OnPolicyDataModule(pl.LightningDataModule):
         if stage == "fit" and self.train_path is None:
             raise ConfigError("fit needs training prompts: set data.train_path to a .jsonl / .parquet file or a hub id")
         if stage == "fit" and not self.train_rows:
-            self.train_rows, self.train_prompt_ids = self._prepare(self.train_path, "data.train_path", self.sampling, "data.sampling", *own_fields)
+            self.train_rows, self.train_prompt_ids = self._prepare(
+                self.train_path, "data.train_path", self.sampling, "data.sampling", *own_fields
+            )
         if stage in ("fit", "validate") and self.val_path is not None and not self.val_rows:
-            self.val_rows, self.val_prompt_ids = self._prepare(self.val_path, "data.val_path", self.val_sampling, "data.val_sampling", *own_fields)
+            self.val_rows, self.val_prompt_ids = self._prepare(
+                self.val_path, "data.val_path", self.val_sampling, "data.val_sampling", *own_fields
+            )
         if stage in ("test", "predict") and not self.test_rows:
             if not self.test_sets:
                 command = "test" if stage == "test" else "predict"
                 raise ConfigError(f"{command} needs benchmarks: set data.test_sets (see configs/eval/)")
             for i, eval_set in enumerate(self.test_sets):
                 rows, ids = self._prepare(
-                    eval_set.path, f"data.test_sets[{i}].path", self.test_sampling, "data.test_sampling", eval_set.prompt_field, eval_set.answer_field,
-                    eval_set.split, eval_set.answer_after or None,
+                    eval_set.path, f"data.test_sets[{i}].path", self.test_sampling, "data.test_sampling",
+                    eval_set.prompt_field, eval_set.answer_field, eval_set.split, eval_set.answer_after or None,
                 )
                 end = eval_set.limit or len(rows)
                 self.test_rows[eval_set.name] = rows[:end], ids[:end]
@@ -185,8 +189,9 @@ class OnPolicyDataModule(pl.LightningDataModule):
         """Load rows and render their prompts, applying the prompt-length policy.
 
         With an answer field, records whose answer is missing or empty are dropped and
-        counted (in `dropped_prompts`, logged as `data/dropped_prompts`). A prompt is too long past `max_prompt_tokens`, or when it and the stage's
-        `max_new_tokens` do not fit in the student's context (`max_position_embeddings`).
+        counted (in `dropped_prompts`, logged as `data/dropped_prompts`). A prompt is too
+        long past `max_prompt_tokens`, or when it and the stage's `max_new_tokens` do not fit
+        in the student's context (`max_position_embeddings`).
         """
         rows = load_rows(source, prompt_field, answer_field, split, option, answer_after=answer_after)
         limit, reason = self.max_prompt_tokens, f"data.max_prompt_tokens={self.max_prompt_tokens}"
@@ -201,11 +206,12 @@ class OnPolicyDataModule(pl.LightningDataModule):
             if context - new_tokens < limit:
                 limit = context - new_tokens
                 reason = f"the student's context ({context} tokens) minus {sampling_option}.max_new_tokens={new_tokens}"
-        unanswered = [row for row in rows if answer_field is not None and not row.answer]
-        if unanswered:  # a batch is labelled only when every rollout has an answer
-            rank_zero_info(f"{option}: dropped {len(unanswered)} records without an answer (first: record {unanswered[0].index})")
-            self.dropped_prompts += len(unanswered)
-            rows = [row for row in rows if answer_field is None or row.answer]
+        answered = [row for row in rows if answer_field is None or row.answer]
+        if len(answered) < len(rows):  # a batch is labelled only when every rollout has an answer
+            first = next(row.index for row in rows if not row.answer)
+            rank_zero_info(f"{option}: dropped {len(rows) - len(answered)} records without an answer (first: record {first})")
+            self.dropped_prompts += len(rows) - len(answered)
+            rows = answered
         kept_rows, kept_ids = [], []
         for row in rows:
             ids = render_prompt(self.tokenizer, row.problem, self.prompt_format)
@@ -265,15 +271,20 @@ class OnPolicyDataModule(pl.LightningDataModule):
                 )
         return rollouts
 
+    def sample_round(self, epoch: int) -> list[Rollout]:
+        """This rank's rollouts of round `epoch`, sampled with the current student."""
+        rank, world = self._rank()
+        indices = self.round_prompt_indices(epoch)[rank::world]
+        rows, ids = [self.train_rows[i] for i in indices], [self.train_prompt_ids[i] for i in indices]
+        seeds = [stream_key(self.seed, epoch, row.index) for row in rows]
+        return self.generate_rollouts(rows, ids, self.sampling, seeds)
+
     def train_dataloader(self) -> DataLoader:
         """This rank's rollouts of round `current_epoch`: sampled now, or restored from a checkpoint."""
         epoch = self.trainer.current_epoch
-        rank, world = self._rank()
+        rank, _ = self._rank()
         if self._round_epoch != epoch:
-            indices = self.round_prompt_indices(epoch)[rank::world]
-            rows, ids = [self.train_rows[i] for i in indices], [self.train_prompt_ids[i] for i in indices]
-            seeds = [stream_key(self.seed, epoch, row.index) for row in rows]
-            self._round, self._round_epoch = self.generate_rollouts(rows, ids, self.sampling, seeds), epoch
+            self._round, self._round_epoch = self.sample_round(epoch), epoch
         order = torch.Generator().manual_seed(stream_key(self.seed, epoch, rank))
         return _RoundLoader(
             self._batches_done, self._round, batch_size=self.batch_size, shuffle=True, generator=order,
@@ -288,10 +299,11 @@ class OnPolicyDataModule(pl.LightningDataModule):
         """The current round's rollouts (every rank's), so a run resumed mid-epoch trains on the same ones."""
         if self._round_epoch is None:
             return {}
-        rounds = [[asdict(r) for r in self._round]]
+        local = [asdict(r) for r in self._round]
+        rounds = [local]
         if dist.is_available() and dist.is_initialized():
             rounds = [None] * dist.get_world_size()
-            dist.all_gather_object(rounds, [asdict(r) for r in self._round])
+            dist.all_gather_object(rounds, local)
         return {"epoch": self._round_epoch, "rounds": rounds}
 
     def load_state_dict(self, state: dict) -> None:

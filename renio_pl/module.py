@@ -125,15 +125,14 @@ class DistillationModule(pl.LightningModule):
         )
         weights = self.weighter(inputs)  # (B,)
         loss = weighted_loss(scores.token_loss, batch.completion_mask, weights)
-        self._check_finite(loss)
-        skipped = self.trainer.strategy.reduce_boolean_decision(bool(weights.sum() == 0), all=True)
+        # One collective for both decisions: processes with a non-finite loss, processes with a kept rollout.
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), (weights.sum() > 0).float()])
+        non_finite, kept = self.trainer.strategy.reduce(flags, reduce_op="sum").tolist()
+        if non_finite:  # stop every process before the update
+            self._diverged(f"the training loss is not finite (here {loss.item()})")
+        skipped = kept == 0
         self._log_training(batch, inputs, weights, loss, skipped)
         return None if skipped else loss
-
-    def _check_finite(self, loss: Tensor) -> None:
-        """Stops every process, before the update, when any process's loss is NaN or inf."""
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            self._diverged(f"the training loss is not finite (here {loss.item()})")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The update; then stops the run, before any checkpoint of it, if it made a weight NaN or inf."""

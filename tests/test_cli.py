@@ -17,12 +17,17 @@ FIT_CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "
 EVAL_CONFIGS = sorted(p for p in (ROOT / "configs" / "eval").glob("*.yaml") if "test_sets:" in p.read_text())
 
 
+def printed_config(subcommand: str, config: Path, capsys) -> dict:
+    """The full config `renio-pl <subcommand> --config <config> --print_config` prints (it must exit 0)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_fit_config_parses(config, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = printed_config("fit", config, capsys)
     assert printed["model"]["student"] and printed["data"]["train_path"]
     checkpoints = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     assert checkpoints and checkpoints[0]["init_args"]["save_last"] is True  # periodic + last.ckpt by default
@@ -32,10 +37,7 @@ def test_every_shipped_fit_config_parses(config, capsys):
 
 @pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_eval_config_parses(config, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["test", "--config", str(config), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = printed_config("test", config, capsys)
     sets = printed["data"]["test_sets"]
     assert sets and all((ROOT / s["path"]).is_file() for s in sets)
     assert printed["data"]["test_sampling"] == {
