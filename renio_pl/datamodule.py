@@ -7,7 +7,10 @@ for the held-out prompts with the evaluation sampling settings, and `test_datalo
 `predict_dataloader()` for each benchmark in `test_sets`. Set
 `trainer.reload_dataloaders_every_n_epochs: 1` (the shipped configs do) so the training
 rounds regenerate. With several processes each rank generates the rollouts of its own share
-of the prompts. Every sample's randomness is keyed by (seed, round, prompt, sample)
+of the prompts. With `solution_field` set the data module serves OPSD: each training rollout
+also carries the teacher's privileged prompt (the problem with its reference solution, through
+`teacher_prompt_format`), and the teacher scores the same completion tokens after it. Every
+sample's randomness is keyed by (seed, round, prompt, sample)
 (`renio_pl.sampling`), so it is the same whatever the number of processes or batch size.
 """
 
@@ -31,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import extract_answer, is_correct
 from renio_pl.models import load_tokenizer
-from renio_pl.prompts import PromptFormat, PromptRow, load_rows, render_prompt
+from renio_pl.prompts import OPSD_TEACHER_TEMPLATE, PromptFormat, PromptRow, load_rows, render_prompt
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key
 
@@ -78,8 +81,15 @@ class OnPolicyDataModule(pl.LightningDataModule):
         prompt_field: column holding the problem text.
         answer_field: column holding the reference answer; None when the data has none (no
             correctness labels then).
+        answer_after: keep only the text after the last occurrence of this marker in each
+            answer (GSM8K: `####`); empty keeps the whole answer.
         split: split of a hub data set.
-        prompt_format: template, system message and chat-template variables.
+        prompt_format: the student's template, system message and chat-template variables.
+        solution_field: column holding a reference solution: set it for OPSD, where the
+            teacher reads it in its privileged prompt; None (OPD) gives the teacher the
+            student's prompt.
+        teacher_prompt_format: the teacher's privileged prompt (with `{solution}`), used when
+            `solution_field` is set; the default is the OPSD authors' template, thinking on.
         engine: the rollout engine.
         sampling: training rollouts: `n` per prompt, temperature, top_p, top_k, max_new_tokens.
         val_sampling: held-out samples (default: one greedy completion per prompt).
@@ -103,8 +113,13 @@ class OnPolicyDataModule(pl.LightningDataModule):
         val_path: str | None = None,
         prompt_field: str = "prompt",
         answer_field: str | None = "answer",
+        answer_after: str = "",
         split: str = "train",
         prompt_format: PromptFormat = PromptFormat(),
+        solution_field: str | None = None,
+        teacher_prompt_format: PromptFormat = PromptFormat(
+            template=OPSD_TEACHER_TEMPLATE, chat_template_kwargs={"enable_thinking": True}
+        ),
         engine: RolloutGenerator = lazy_instance(HFGenerator),
         sampling: SamplingConfig = SamplingConfig(),
         val_sampling: SamplingConfig = SamplingConfig(n=1, temperature=0.0),
@@ -129,8 +144,14 @@ class OnPolicyDataModule(pl.LightningDataModule):
         if tokenizer is None:
             raise ConfigError("data.tokenizer is missing: give the student's hub id or folder (the CLI links model.student)")
         self.train_path, self.val_path, self.split = train_path, val_path, split
-        self.prompt_field, self.answer_field = prompt_field, answer_field
+        self.prompt_field, self.answer_field, self.answer_after = prompt_field, answer_field, answer_after
         self.prompt_format = prompt_format
+        if solution_field is not None and "{solution}" not in teacher_prompt_format.template:
+            raise ConfigError(
+                "data.teacher_prompt_format.template must contain {solution} (OPSD's privileged context); "
+                f"got {teacher_prompt_format.template!r}"
+            )
+        self.solution_field, self.teacher_prompt_format = solution_field, teacher_prompt_format
         self.engine, self.sampling, self.val_sampling = engine, sampling, val_sampling
         self.test_sets, self.test_sampling = list(test_sets or []), test_sampling
         names = [s.name for s in self.test_sets]
@@ -145,6 +166,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         self.train_rows: list[PromptRow] = []
         self.val_rows: list[PromptRow] = []
         self.train_prompt_ids: list[list[int]] = []
+        self.train_teacher_prompt_ids: list[list[int]] | None = None  # OPSD only
         self.val_prompt_ids: list[list[int]] = []
         self.test_rows: dict[str, tuple[list[PromptRow], list[list[int]]]] = {}
         self.dropped_prompts = 0
@@ -152,15 +174,16 @@ class OnPolicyDataModule(pl.LightningDataModule):
         self._round_epoch: int | None = None
 
     def setup(self, stage: str) -> None:
-        own_fields = (self.prompt_field, self.answer_field, self.split)
+        own_fields = (self.prompt_field, self.answer_field, self.split, self.answer_after or None)
         if stage == "fit" and self.train_path is None:
             raise ConfigError("fit needs training prompts: set data.train_path to a .jsonl / .parquet file or a hub id")
         if stage == "fit" and not self.train_rows:
-            self.train_rows, self.train_prompt_ids = self._prepare(
-                self.train_path, "data.train_path", self.sampling, "data.sampling", *own_fields
+            self.train_rows, self.train_prompt_ids, self.train_teacher_prompt_ids = self._prepare(
+                self.train_path, "data.train_path", self.sampling, "data.sampling", *own_fields,
+                solution_field=self.solution_field,
             )
         if stage in ("fit", "validate") and self.val_path is not None and not self.val_rows:
-            self.val_rows, self.val_prompt_ids = self._prepare(
+            self.val_rows, self.val_prompt_ids, _ = self._prepare(
                 self.val_path, "data.val_path", self.val_sampling, "data.val_sampling", *own_fields
             )
         if stage in ("test", "predict") and not self.test_rows:
@@ -168,7 +191,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
                 command = "test" if stage == "test" else "predict"
                 raise ConfigError(f"{command} needs benchmarks: set data.test_sets (see configs/eval/)")
             for i, eval_set in enumerate(self.test_sets):
-                rows, ids = self._prepare(
+                rows, ids, _ = self._prepare(
                     eval_set.path, f"data.test_sets[{i}].path", self.test_sampling, "data.test_sampling",
                     eval_set.prompt_field, eval_set.answer_field, eval_set.split, eval_set.answer_after or None,
                 )
@@ -185,15 +208,19 @@ class OnPolicyDataModule(pl.LightningDataModule):
         answer_field: str | None,
         split: str,
         answer_after: str | None = None,
-    ) -> tuple[list[PromptRow], list[list[int]]]:
-        """Load rows and render their prompts, applying the prompt-length policy.
+        solution_field: str | None = None,
+    ) -> tuple[list[PromptRow], list[list[int]], list[list[int]] | None]:
+        """Load rows and render their prompts (and the teacher's, for OPSD), applying the prompt-length policy.
 
         With an answer field, records whose answer is missing or empty are dropped and
         counted (in `dropped_prompts`, logged as `data/dropped_prompts`). A prompt is too
         long past `max_prompt_tokens`, or when it and the stage's `max_new_tokens` do not fit
-        in the student's context (`max_position_embeddings`).
+        in the student's context (`max_position_embeddings`); for OPSD the teacher's prompt
+        is held to the same limit.
         """
-        rows = load_rows(source, prompt_field, answer_field, split, option, answer_after=answer_after)
+        rows = load_rows(
+            source, prompt_field, answer_field, split, option, answer_after=answer_after, solution_field=solution_field
+        )
         limit, reason = self.max_prompt_tokens, f"data.max_prompt_tokens={self.max_prompt_tokens}"
         context = self._student_context()
         if context is not None:
@@ -212,25 +239,31 @@ class OnPolicyDataModule(pl.LightningDataModule):
             rank_zero_info(f"{option}: dropped {len(rows) - len(answered)} records without an answer (first: record {first})")
             self.dropped_prompts += len(rows) - len(answered)
             rows = answered
-        kept_rows, kept_ids = [], []
+        kept_rows, kept_ids, kept_teacher_ids = [], [], []
         for row in rows:
             ids = render_prompt(self.tokenizer, row.problem, self.prompt_format)
-            if len(ids) > limit:
+            teacher_ids = None
+            if solution_field is not None:
+                teacher_ids = render_prompt(self.tokenizer, row.problem, self.teacher_prompt_format, row.solution)
+            longest = max(len(ids), len(teacher_ids or []))
+            if longest > limit:
                 if self.long_prompts == "error":
+                    whose = "prompt" if len(ids) == longest else "teacher prompt (with the solution)"
                     raise ConfigError(
-                        f"{option}: record {row.index} renders to {len(ids)} prompt tokens, over {reason}; "
+                        f"{option}: record {row.index} renders to a {longest}-token {whose}, over {reason}; "
                         "shorten it, make room, or set data.long_prompts=drop"
                     )
                 continue
             kept_rows.append(row)
             kept_ids.append(ids)
+            kept_teacher_ids.append(teacher_ids)
         dropped = len(rows) - len(kept_rows)
         if dropped:
             rank_zero_info(f"{option}: dropped {dropped} of {len(rows)} prompts longer than {limit} tokens ({reason})")
             self.dropped_prompts += dropped
         if not kept_rows:
             raise ConfigError(f"{option}: every prompt is longer than {limit} tokens ({reason})")
-        return kept_rows, kept_ids
+        return kept_rows, kept_ids, kept_teacher_ids if solution_field is not None else None
 
     def _student_context(self) -> int | None:
         """The student's `max_position_embeddings`, when a trainer with our module is attached."""
@@ -255,19 +288,25 @@ class OnPolicyDataModule(pl.LightningDataModule):
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def generate_rollouts(
-        self, rows: list[PromptRow], prompt_ids: list[list[int]], sampling: SamplingConfig, seeds: list[int]
+        self,
+        rows: list[PromptRow],
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        seeds: list[int],
+        teacher_prompt_ids: list[list[int]] | None = None,
     ) -> list[Rollout]:
         """Sample `sampling.n` completions per prompt with the current student, decode and grade."""
         policy = self.trainer.lightning_module.student
         completions_P_G = self.engine.generate(policy, self.tokenizer, prompt_ids, sampling, seeds)
+        teacher_prompt_ids = teacher_prompt_ids or [None] * len(rows)
         rollouts = []
-        for row, ids, completions in zip(rows, prompt_ids, completions_P_G):
+        for row, ids, teacher_ids, completions in zip(rows, prompt_ids, teacher_prompt_ids, completions_P_G):
             for j, completion in enumerate(completions):
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
                 correct = None if row.answer is None else bool(self.verifier(text, row.answer))
                 rollouts.append(
                     Rollout(ids, completion, row.index, sampling.temperature, j, row.answer, correct, text,
-                            self.answer_extractor(text))
+                            self.answer_extractor(text), teacher_ids)
                 )
         return rollouts
 
@@ -276,8 +315,9 @@ class OnPolicyDataModule(pl.LightningDataModule):
         rank, world = self._rank()
         indices = self.round_prompt_indices(epoch)[rank::world]
         rows, ids = [self.train_rows[i] for i in indices], [self.train_prompt_ids[i] for i in indices]
+        teacher_ids = None if self.train_teacher_prompt_ids is None else [self.train_teacher_prompt_ids[i] for i in indices]
         seeds = [stream_key(self.seed, epoch, row.index) for row in rows]
-        return self.generate_rollouts(rows, ids, self.sampling, seeds)
+        return self.generate_rollouts(rows, ids, self.sampling, seeds, teacher_ids)
 
     def train_dataloader(self) -> DataLoader:
         """This rank's rollouts of round `current_epoch`: sampled now, or restored from a checkpoint."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from renio_pl.errors import ConfigError
 
-__all__ = ["LoRA", "DType", "load_model", "load_tokenizer", "check_same_vocabulary"]
+__all__ = ["LoRA", "DType", "load_model", "load_tokenizer", "check_same_vocabulary", "policy_weights"]
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -106,3 +107,35 @@ def check_same_vocabulary(
             f"model.teacher: its output vocabulary has {teacher_v} entries and the student's {student_v}; "
             "full-vocabulary losses need equal sizes (resize one model's embeddings)"
         )
+
+
+@torch.no_grad()
+def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights the model samples with, under the checkpoint's names (`model.layers.0...`).
+
+    A LoRA student (peft) yields its merged weights, `W + scale * B @ A` for each adapted
+    layer, computed beside the model: its own weights are never merged and unmerged in place
+    (in bf16 that round trip drifts). Adapter tensors themselves are left out.
+
+    Yields:
+        (name, tensor) pairs, the tensors detached (merged ones are new, the others shared).
+    """
+    if not hasattr(model, "get_base_model"):
+        yield from model.state_dict().items()
+        return
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {
+        name: sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer) and not module.merged and not module.disable_adapters
+    }
+    for name, tensor in base.state_dict().items():
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        module_name, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module_name in deltas:
+            tensor = tensor + deltas[module_name].to(tensor.dtype)
+        yield name, tensor

@@ -3,12 +3,17 @@
 `training_step` reads as the data flow: score the batch's completion tokens under both
 models (`logprobs`), weight each rollout (`weighters`), reduce to the batch loss (`losses`).
 The teacher is held outside the module's registered children: it is never in the optimizer,
-never in a checkpoint, always in eval mode and only run under `no_grad`.
+never in a checkpoint, always in eval mode and only run under `no_grad`. For OPSD (the data
+module has `solution_field`) the teacher may be left out: the student's own base weights then
+teach, through its adapter switched off (a LoRA student) or a frozen copy loaded from the
+student's folder (a fully trained one), reading the privileged prompt.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning.pytorch as pl
 import torch
@@ -36,7 +41,8 @@ class DistillationModule(pl.LightningModule):
     Args:
         student: hub id or local folder of the trainable student.
         teacher: hub id or local folder of the frozen teacher (same tokenizer as the student);
-            needed to fit, not to validate, test or predict.
+            needed to fit OPD, not to validate, test or predict. For OPSD leave it out to
+            have the student's base weights teach (LoRA off, or a frozen copy).
         weighter: how much each rollout counts (`renio_pl.weighters`).
         loss: the per-token objective (`renio_pl.losses`).
         dtype: dtype both models are loaded in.
@@ -91,9 +97,34 @@ class DistillationModule(pl.LightningModule):
         return self._frozen[0]
 
     def on_fit_start(self) -> None:
-        if not self._frozen:
-            raise ConfigError("fit needs a teacher: set model.teacher to a hub id or a local model folder")
-        self.teacher.to(self.device).eval()
+        self_distillation = getattr(getattr(self.trainer, "datamodule", None), "solution_field", None) is not None
+        if not self._frozen and not self_distillation:
+            raise ConfigError(
+                "fit needs a teacher: set model.teacher to a hub id or a local model folder, or set "
+                "data.solution_field for OPSD (the student's base weights then teach)"
+            )
+        if not self._frozen and self.hparams.student_lora and hasattr(self.student.get_output_embeddings(), "lora_A"):
+            raise ConfigError(
+                "model.student_lora adapts the output head, which the OPSD teacher (the student with its adapter "
+                "off) shares outside the adapter switch; drop lm_head from target_modules or set model.teacher"
+            )
+        if not self._frozen and not self.hparams.student_lora:  # OPSD of a full student: its initial weights
+            self._frozen.append(load_model(self.hparams.student, self.hparams.dtype).requires_grad_(False).eval())
+        if self._frozen:
+            self.teacher.to(self.device).eval()
+
+    @contextmanager
+    def _teaching(self) -> Iterator[torch.nn.Module]:
+        """The teacher to score with: the frozen one, or the LoRA student with its adapter off (OPSD)."""
+        if self._frozen:
+            yield self.teacher
+            return
+        was_training = self.student.training
+        with self.student.disable_adapter():
+            try:
+                yield self.student.eval()
+            finally:
+                self.student.train(was_training)
 
     # --- the data flow -----------------------------------------------------------------------
     def score(self, batch: RolloutBatch) -> TokenScores:
@@ -101,15 +132,14 @@ class DistillationModule(pl.LightningModule):
         student_hidden = completion_hidden_states(
             self.student, batch.input_ids, batch.attention_mask, batch.prompt_length
         )  # (B, T, H_S)
-        with torch.no_grad():
-            teacher_hidden = completion_hidden_states(
-                self.teacher, batch.input_ids, batch.attention_mask, batch.prompt_length
-            )  # (B, T, H_T)
+        with torch.no_grad(), self._teaching() as teacher:
+            teacher_hidden = completion_hidden_states(teacher, *batch.teacher_inputs())  # (B, T, H_T)
+            teacher_head = teacher.get_output_embeddings()  # not adapted: LoRA's all-linear skips the head
         return score_tokens(
             student_hidden,
             self.student.get_output_embeddings(),
             teacher_hidden,
-            self.teacher.get_output_embeddings(),
+            teacher_head,
             batch.completion_ids,
             batch.completion_mask,
             batch.temperature,

@@ -16,7 +16,9 @@ from transformers import PreTrainedTokenizerBase
 
 from renio_pl.errors import ConfigError
 
-__all__ = ["PromptRow", "PromptFormat", "load_rows", "render_prompt"]
+__all__ = [
+    "PromptRow", "PromptFormat", "load_rows", "render_prompt", "OPSD_STUDENT_TEMPLATE", "OPSD_TEACHER_TEMPLATE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,13 @@ class PromptRow:
         index: position in its data set.
         problem: the problem text, before the template.
         answer: the reference final answer, or None when the data has none.
+        solution: the reference solution (OPSD's privileged context), or None.
     """
 
     index: int
     problem: str
     answer: str | None = None
+    solution: str | None = None
 
 
 def _looks_like_path(source: str) -> bool:
@@ -49,6 +53,7 @@ def load_rows(
     split: str = "train",
     option: str = "data.train_path",
     answer_after: str | None = None,
+    solution_field: str | None = None,
 ) -> list[PromptRow]:
     """Read problems from a jsonl / parquet file or a hub data set id, through `datasets`.
 
@@ -64,11 +69,12 @@ def load_rows(
         option: the config key `source` came from, named in errors.
         answer_after: a marker the answer follows (GSM8K: `"####"`); each answer becomes the
             stripped text after its last occurrence. None keeps answers whole.
+        solution_field: column holding the reference solution (OPSD), or None for none.
     Returns:
         One `PromptRow` per record, in file order.
     Raises:
         ConfigError: unreadable or missing data, a missing column, a sha256 mismatch, or a
-            record whose answer has nothing after `answer_after`.
+            record whose answer has nothing after `answer_after`, or an empty solution.
     """
     if answer_after is not None and (not answer_after or answer_field is None):
         raise ConfigError(
@@ -98,7 +104,7 @@ def load_rows(
             ) from error
     if len(data) == 0:
         raise ConfigError(f"{option}: {source} has no records; give a file with at least one problem")
-    for name, key in ((prompt_field, "prompt_field"), (answer_field, "answer_field")):
+    for name, key in ((prompt_field, "prompt_field"), (answer_field, "answer_field"), (solution_field, "solution_field")):
         if name is not None and name not in data.column_names:
             raise ConfigError(
                 f"{option}: {source} has no column {name!r} (data.{key}); its columns are {', '.join(data.column_names)}"
@@ -115,7 +121,16 @@ def load_rows(
                     f"in column {answer_field!r}; fix the record or the marker"
                 )
             answers[i] = tail.strip()
-    return [PromptRow(i, str(p), a) for i, (p, a) in enumerate(zip(problems, answers))]
+    solutions = [None] * len(data)
+    if solution_field is not None:
+        solutions = [None if text is None else str(text) for text in data[solution_field]]
+        empty = next((i for i, text in enumerate(solutions) if not (text or "").strip()), None)
+        if empty is not None:
+            raise ConfigError(
+                f"{option}: record {empty} of {source} has no reference solution in column {solution_field!r} "
+                "(data.solution_field); OPSD's teacher needs one for every problem"
+            )
+    return [PromptRow(i, str(p), a, sol) for i, (p, a, sol) in enumerate(zip(problems, answers, solutions))]
 
 
 def _check_sha256(path: Path, source: str, option: str) -> None:
@@ -146,12 +161,29 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+# OPSD's prompts as its authors released them (Zhao et al.): the student sees the problem, the
+# teacher (the student's own base weights) also the reference solution, with thinking on.
+OPSD_STUDENT_TEMPLATE = "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+OPSD_TEACHER_TEMPLATE = (
+    "Problem: {problem}\n\n"
+    "Here is a reference solution to this problem:\n"
+    "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n"
+    "After reading the reference solution above, make sure you truly understand the reasoning behind each "
+    "step \u2014 do not copy or paraphrase it. Now, using your own words and independent reasoning, derive the "
+    "same final answer to the problem above. Think step by step, explore different approaches, and don't be "
+    "afraid to backtrack or reconsider if something doesn't work out:\n"
+    "Please reason step by step, and put your final answer within \\boxed{{}}."
+)
+
+
 @dataclass
 class PromptFormat:
     """How a problem becomes the prompt text the model sees.
 
     Attributes:
-        template: user message, with `{problem}` where the problem goes.
+        template: user message, with `{problem}` where the problem goes (and, in a teacher's
+            privileged prompt, `{solution}` where the reference solution goes); other braces
+            are doubled (`\\boxed{{}}`).
         system: an optional system message.
         chat_template_kwargs: extra variables for the tokenizer's chat template
             (for Qwen3: `{enable_thinking: false}`).
@@ -166,8 +198,10 @@ class PromptFormat:
             raise ConfigError(f"data.prompt_format.template must contain {{problem}}; got {self.template!r}")
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, problem: str, prompt_format: PromptFormat) -> list[int]:
-    """Token ids of `problem` rendered with `prompt_format` and the tokenizer's chat template.
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase, problem: str, prompt_format: PromptFormat, solution: str | None = None
+) -> list[int]:
+    """Token ids of `problem` (and `solution`, when given) rendered with `prompt_format` and the chat template.
 
     The chat template adds the generation prompt (the assistant turn's opening), so the first
     generated token is the first completion token.
@@ -178,7 +212,8 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, problem: str, prompt_forma
             "chat_template to its tokenizer_config.json"
         )
     messages = [] if prompt_format.system is None else [{"role": "system", "content": prompt_format.system}]
-    messages.append({"role": "user", "content": prompt_format.template.format(problem=problem)})
+    fields = {"problem": problem} if solution is None else {"problem": problem, "solution": solution}
+    messages.append({"role": "user", "content": prompt_format.template.format(**fields)})
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, **prompt_format.chat_template_kwargs
     )

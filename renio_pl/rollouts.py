@@ -26,7 +26,7 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokeni
 from renio_pl.errors import ConfigError
 from renio_pl.sampling import KeyedGumbelSampler, stream_key
 
-__all__ = ["SamplingConfig", "Rollout", "RolloutBatch", "collate_rollouts", "RolloutGenerator", "HFGenerator"]
+__all__ = ["SamplingConfig", "Rollout", "RolloutBatch", "collate_rollouts", "RolloutGenerator", "HFGenerator", "eos_token_ids"]
 
 
 @dataclass
@@ -74,6 +74,8 @@ class Rollout:
         correct: the verifier's verdict, when there is an answer.
         text: the decoded completion (special tokens removed).
         final_answer: the answer extracted from `text`, None when there is none.
+        teacher_prompt_ids: the teacher's own prompt (OPSD: with the reference solution), or
+            None when the teacher reads the student's prompt.
     """
 
     prompt_ids: list[int]
@@ -85,6 +87,7 @@ class Rollout:
     correct: bool | None = None
     text: str = ""
     final_answer: str | None = None
+    teacher_prompt_ids: list[int] | None = None
 
 
 @dataclass
@@ -99,6 +102,10 @@ class RolloutBatch:
         completion_mask: (B, T) bool, True on generated tokens.
         temperature: the sampling temperature of these rollouts (> 0; greedy rollouts use 1).
         correct: (B,) float32 1.0 / 0.0 verifier labels, or None when the data has no answers.
+        teacher_input_ids: (B, P_T + T) int64, the teacher's prompts laid out the same way in
+            front of the same completions, or None when the teacher reads `input_ids`.
+        teacher_attention_mask: (B, P_T + T) int64, or None.
+        teacher_prompt_length: `P_T`, or None.
     """
 
     input_ids: Tensor
@@ -108,20 +115,41 @@ class RolloutBatch:
     completion_mask: Tensor
     temperature: float
     correct: Tensor | None = None
+    teacher_input_ids: Tensor | None = None
+    teacher_attention_mask: Tensor | None = None
+    teacher_prompt_length: int | None = None
+
+    def teacher_inputs(self) -> tuple[Tensor, Tensor, int]:
+        """(input_ids, attention_mask, prompt_length) the teacher scores the completions after."""
+        if self.teacher_input_ids is None:
+            return self.input_ids, self.attention_mask, self.prompt_length
+        return self.teacher_input_ids, self.teacher_attention_mask, self.teacher_prompt_length
+
+
+def _layout(prompts_B: list[list[int]], completions_B: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor, int]:
+    """(B, P + T) ids and attention mask, prompts left-padded to `P`, completions right-padded to `T`."""
+    prompt_width = max(len(p) for p in prompts_B)
+    completion_width = max(1, max(len(c) for c in completions_B))
+    rows, masks = [], []
+    for prompt, completion in zip(prompts_B, completions_B):
+        left, right = prompt_width - len(prompt), completion_width - len(completion)
+        rows.append([pad_token_id] * left + prompt + completion + [pad_token_id] * right)
+        masks.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.long), prompt_width
 
 
 def collate_rollouts(rollouts: list[Rollout], pad_token_id: int) -> RolloutBatch:
     """Lay out rollouts as one `RolloutBatch` (prompts left-padded, completions right-padded)."""
-    prompt_width = max(len(r.prompt_ids) for r in rollouts)
-    completion_width = max(1, max(len(r.completion_ids) for r in rollouts))
-    rows, masks, completion_masks = [], [], []
-    for r in rollouts:
-        left = prompt_width - len(r.prompt_ids)
-        right = completion_width - len(r.completion_ids)
-        rows.append([pad_token_id] * left + r.prompt_ids + r.completion_ids + [pad_token_id] * right)
-        masks.append([0] * left + [1] * (len(r.prompt_ids) + len(r.completion_ids)) + [0] * right)
-        completion_masks.append([True] * len(r.completion_ids) + [False] * right)
-    input_ids = torch.tensor(rows, dtype=torch.long)
+    completions = [r.completion_ids for r in rollouts]
+    input_ids, attention_mask, prompt_width = _layout([r.prompt_ids for r in rollouts], completions, pad_token_id)
+    completion_width = input_ids.shape[1] - prompt_width
+    completion_mask = torch.tensor([[t < len(c) for t in range(completion_width)] for c in completions], dtype=torch.bool)
+    teacher_prompts = [r.teacher_prompt_ids for r in rollouts]
+    if any(p is None for p in teacher_prompts) and any(p is not None for p in teacher_prompts):
+        raise ValueError("a batch must give every rollout a teacher prompt or none")
+    teacher = (None, None, None)
+    if teacher_prompts[0] is not None:
+        teacher = _layout(teacher_prompts, completions, pad_token_id)
     temperatures = {r.temperature for r in rollouts}
     if len(temperatures) != 1:
         raise ValueError(f"a batch must share one sampling temperature; got {sorted(temperatures)}")
@@ -129,12 +157,15 @@ def collate_rollouts(rollouts: list[Rollout], pad_token_id: int) -> RolloutBatch
     correct = None if any(c is None for c in labels) else torch.tensor(labels, dtype=torch.float32)
     return RolloutBatch(
         input_ids=input_ids,
-        attention_mask=torch.tensor(masks, dtype=torch.long),
+        attention_mask=attention_mask,
         prompt_length=prompt_width,
         completion_ids=input_ids[:, prompt_width:],
-        completion_mask=torch.tensor(completion_masks, dtype=torch.bool),
+        completion_mask=completion_mask,
         temperature=temperatures.pop() or 1.0,
         correct=correct,
+        teacher_input_ids=teacher[0],
+        teacher_attention_mask=teacher[1],
+        teacher_prompt_length=teacher[2],
     )
 
 
@@ -188,7 +219,7 @@ class HFGenerator(RolloutGenerator):
     ) -> list[list[list[int]]]:
         if len(seeds_P) != len(prompts_P):
             raise ValueError(f"one seed per prompt: {len(prompts_P)} prompts, {len(seeds_P)} seeds")
-        eos_ids = _eos_token_ids(model, tokenizer)
+        eos_ids = eos_token_ids(model, tokenizer)
         config = GenerationConfig(
             do_sample=False,  # sampling is greedy decoding of Gumbel-perturbed logits (KeyedGumbelSampler)
             max_new_tokens=sampling.max_new_tokens,
@@ -244,7 +275,7 @@ def _own_generation_config(model: torch.nn.Module, config: GenerationConfig) -> 
         target.generation_config = saved
 
 
-def _eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids from the model's generation config, else the tokenizer's."""
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = config_eos if config_eos is not None else tokenizer.eos_token_id

@@ -12,7 +12,8 @@ from renio_pl.cli import main
 from tests.conftest import tiny_qwen3, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-FIT_CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "paper").glob("*.yaml")])
+OVERLAYS = {ROOT / "configs" / "demo_vllm.yaml"}  # applied on top of demo.yaml, not alone
+FIT_CONFIGS = sorted({*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "paper").glob("*.yaml")} - OVERLAYS)
 # configs/eval/: whole configs name their benchmarks; the others are fragments they include
 EVAL_CONFIGS = sorted(p for p in (ROOT / "configs" / "eval").glob("*.yaml") if "test_sets:" in p.read_text())
 
@@ -33,6 +34,21 @@ def test_every_shipped_fit_config_parses(config, capsys):
     assert checkpoints and checkpoints[0]["init_args"]["save_last"] is True  # periodic + last.ckpt by default
     assert checkpoints[0]["init_args"]["every_n_train_steps"] > 0
     assert printed["trainer"]["plugins"][0]["class_path"] == "renio_pl.checkpointing.AtomicCheckpointIO"
+
+
+def test_the_vllm_demo_overlay_changes_only_the_engine_and_run_folder(capsys):
+    printed = printed_config("fit", ROOT / "configs" / "demo.yaml", capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(ROOT / "configs" / "demo_vllm.yaml"),
+              "--print_config"])
+    assert exit_info.value.code in (0, None)
+    overlaid = yaml.safe_load(capsys.readouterr().out)
+    assert overlaid["data"]["engine"]["class_path"] == "renio_pl.vllm_engine.VLLMGenerator"
+    assert overlaid["trainer"]["default_root_dir"] == "runs/demo_vllm"
+    for section in ("model", "data", "trainer"):
+        for key in printed[section]:
+            if key not in ("engine", "default_root_dir", "logger"):
+                assert overlaid[section][key] == printed[section][key], (section, key)
 
 
 @pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -1,10 +1,12 @@
 """Loading from folders written by save_pretrained, LoRA, and refusing mismatched teachers."""
 
+import copy
+
 import pytest
 import torch
 
 from renio_pl.errors import ConfigError
-from renio_pl.models import LoRA, check_same_vocabulary, load_model, load_tokenizer
+from renio_pl.models import LoRA, check_same_vocabulary, load_model, load_tokenizer, policy_weights
 from tests.conftest import save_model, tiny_qwen3
 from renio_pl.demo.task import make_tokenizer
 
@@ -41,3 +43,26 @@ def test_teacher_with_another_tokenizer_is_refused(model_dirs, tmp_path):
     with pytest.raises(ConfigError, match="output vocabulary has"):
         check_same_vocabulary(student, wider, tokenizer, tokenizer)
     check_same_vocabulary(student, load_model(str(model_dirs["teacher"])), tokenizer, tokenizer)
+
+
+def test_policy_weights_of_a_lora_student_equal_peft_merge_and_unload(model_dirs):
+    """The weights handed to a rollout engine: merged beside the model, under the checkpoint's names."""
+    student = load_model(str(model_dirs["student"]), lora=LoRA(r=4, alpha=8))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    weights = dict(policy_weights(student))
+    reference = copy.deepcopy(student).merge_and_unload().state_dict()
+    assert weights.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-6, atol=1e-6)
+    assert any(not torch.equal(weights[n], t) for n, t in load_model(str(model_dirs["student"])).state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # the student itself untouched
+
+
+def test_policy_weights_of_a_plain_model_are_its_state_dict(model_dirs):
+    model = load_model(str(model_dirs["student"]))
+    assert all(t is model.state_dict()[n] or torch.equal(t, model.state_dict()[n]) for n, t in policy_weights(model))

@@ -45,7 +45,7 @@ def make_tokenizer(characters: str = "".join(CHARACTERS), chat_template: str = C
     """A character tokenizer (one token per character, ids after `<pad>`, `<eos>`, `<unk>`)."""
     vocab = {token: i for i, token in enumerate(SPECIALS + list(dict.fromkeys(characters)))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character, newlines too
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = chat_template
