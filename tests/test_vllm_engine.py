@@ -227,3 +227,25 @@ def test_seeded_sampling_survives_prompts_longer_than_one_scheduler_step(engine,
     completions = engine.generate(student, tokenizer, long_prompts, sampling, list(range(48)))
     assert len(completions) == 48 and all(len(group) == 2 for group in completions)
     assert engine.generate(student, tokenizer, long_prompts[7:8], sampling, [7])[0] == completions[7]
+
+
+def test_a_llama_with_tied_embeddings_syncs_exactly(tmp_path):
+    """The other common layout (SmolLM2, Llama): tied input/output embeddings, rotary buffers kept on reload."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(4)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    llama_engine = VLLMGenerator(max_model_len=256, kv_cache_gib=0.25, enforce_eager=True)
+    prompts = _prompt_ids()
+    _perturb(model, seed=2)  # trained weights, unlike the folder the engine starts from
+    samples = _engine_logprobs(llama_engine, model, prompts)
+    assert _max_gap(model, prompts, samples) < 1e-3
+    assert _greedy(llama_engine, model, prompts) == _greedy(HFGenerator(), model, prompts)
