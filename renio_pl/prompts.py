@@ -85,7 +85,7 @@ def load_rows(
         fmt = _FILE_FORMATS.get(path.suffix)
         if fmt is None:
             raise ConfigError(f"{option}: unsupported file type {path.suffix!r} ({source}); use .jsonl or .parquet")
-        _check_sha256(path, source, option)
+        check_sha256(path, source, option)
         if path.stat().st_size == 0:
             raise ConfigError(f"{option}: {source} is empty (0 bytes); give a file with at least one problem")
         try:
@@ -133,7 +133,7 @@ def load_rows(
     return [PromptRow(i, str(p), a, sol) for i, (p, a, sol) in enumerate(zip(problems, answers, solutions))]
 
 
-def _check_sha256(path: Path, source: str, option: str) -> None:
+def check_sha256(path: Path, source: str, option: str) -> None:
     """Raise if `path` is listed in the nearest `SHA256SUMS` above it with another sha256."""
     path = path.resolve()
     folder = next((parent for parent in path.parents if (parent / "SHA256SUMS").is_file()), None)
