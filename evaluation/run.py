@@ -4,8 +4,10 @@
     python evaluation/run.py --student runs/opd/student --benchmarks math500 gsm8k --limit 50
     python evaluation/run.py --student <folder> -- --data.test_sampling.n 4  # anything after -- goes to renio-pl
 
-Each benchmark's data and fields come from `configs/eval/<benchmark>.yaml`; the first one's
-config supplies the shared settings (prompt, sampling, trainer). One process group samples
+Each benchmark's data, fields, and own prompt and verifier (code) come from
+`configs/eval/<benchmark>.yaml`; the first one's config supplies the shared settings (the
+default prompt, sampling, trainer): run math and code benchmarks apart, as their sampling
+budgets differ. One process group samples
 every benchmark, the table goes to `evaluation/results/<label>.md` with the exact command,
 and per-problem JSON (every completion) stays in the run folder the report names.
 Run from the repository root.
@@ -36,6 +38,8 @@ def benchmark_sets(names: list[str], limit: int) -> list[dict]:
             known = sorted(p.stem for p in CONFIGS.glob("*.yaml") if "test_sets:" in p.read_text())
             sys.exit(f"error: no benchmark config {config.relative_to(ROOT)}; known: {', '.join(known)}")
         for entry in yaml.safe_load(config.read_text())["data"]["test_sets"]:
+            if isinstance(entry.get("prompt_format"), str):  # a file next to the config: inline it
+                entry["prompt_format"] = yaml.safe_load((CONFIGS / entry["prompt_format"]).read_text())
             sets.append({**entry, "limit": limit} if limit else entry)
     return sets
 

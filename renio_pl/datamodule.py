@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import extract_answer, is_correct
+from renio_pl.evaluators.verifier import BatchVerifier
 from renio_pl.models import load_tokenizer
 from renio_pl.prompts import OPSD_TEACHER_TEMPLATE, PromptFormat, PromptRow, load_rows, render_prompt
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
@@ -57,6 +58,9 @@ class EvalSet:
         split: split of a hub data set.
         limit: only the first `limit` problems (0: all), for quick runs; the report's problem
             count shows it, and such a run is not the benchmark's number.
+        prompt_format: this benchmark's prompt; None uses `data.prompt_format`.
+        verifier: grades this benchmark's completions a batch at a time (code:
+            `renio_pl.evaluators.code.CodeVerifier`); None grades each with `data.verifier`.
     """
 
     name: str
@@ -66,6 +70,8 @@ class EvalSet:
     answer_after: str = ""
     split: str = "test"
     limit: int = 0
+    prompt_format: PromptFormat | None = None
+    verifier: BatchVerifier | None = None
 
 
 _VALIDATION_STREAM = "validation"  # names the random streams of validation samples
@@ -169,6 +175,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         self.train_teacher_prompt_ids: list[list[int]] | None = None  # OPSD only
         self.val_prompt_ids: list[list[int]] = []
         self.test_rows: dict[str, tuple[list[PromptRow], list[list[int]]]] = {}
+        self.test_verifiers = {s.name: s.verifier for s in self.test_sets}
         self.dropped_prompts = 0
         self._round: list[Rollout] = []  # this rank's rollouts of round `_round_epoch`
         self._round_epoch: int | None = None
@@ -194,6 +201,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
                 rows, ids, _ = self._prepare(
                     eval_set.path, f"data.test_sets[{i}].path", self.test_sampling, "data.test_sampling",
                     eval_set.prompt_field, eval_set.answer_field, eval_set.split, eval_set.answer_after or None,
+                    prompt_format=eval_set.prompt_format,
                 )
                 end = eval_set.limit or len(rows)
                 self.test_rows[eval_set.name] = rows[:end], ids[:end]
@@ -209,8 +217,11 @@ class OnPolicyDataModule(pl.LightningDataModule):
         split: str,
         answer_after: str | None = None,
         solution_field: str | None = None,
+        prompt_format: PromptFormat | None = None,
     ) -> tuple[list[PromptRow], list[list[int]], list[list[int]] | None]:
         """Load rows and render their prompts (and the teacher's, for OPSD), applying the prompt-length policy.
+
+        Prompts are rendered with `prompt_format`, or `data.prompt_format` when None.
 
         With an answer field, records whose answer is missing or empty are dropped and
         counted (in `dropped_prompts`, logged as `data/dropped_prompts`). A prompt is too
@@ -241,7 +252,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
             rows = answered
         kept_rows, kept_ids, kept_teacher_ids = [], [], []
         for row in rows:
-            ids = render_prompt(self.tokenizer, row.problem, self.prompt_format)
+            ids = render_prompt(self.tokenizer, row.problem, prompt_format or self.prompt_format)
             teacher_ids = None
             if solution_field is not None:
                 teacher_ids = render_prompt(self.tokenizer, row.problem, self.teacher_prompt_format, row.solution)
@@ -294,8 +305,13 @@ class OnPolicyDataModule(pl.LightningDataModule):
         sampling: SamplingConfig,
         seeds: list[int],
         teacher_prompt_ids: list[list[int]] | None = None,
+        verifier: BatchVerifier | None = None,
     ) -> list[Rollout]:
-        """Sample `sampling.n` completions per prompt with the current student, decode and grade."""
+        """Sample `sampling.n` completions per prompt with the current student, decode and grade.
+
+        Completions are graded with `verifier` all at once when given, else one by one with
+        `data.verifier` (and their final answers taken by `data.answer_extractor`).
+        """
         policy = self.trainer.lightning_module.student
         completions_P_G = self.engine.generate(policy, self.tokenizer, prompt_ids, sampling, seeds)
         teacher_prompt_ids = teacher_prompt_ids or [None] * len(rows)
@@ -303,12 +319,26 @@ class OnPolicyDataModule(pl.LightningDataModule):
         for row, ids, teacher_ids, completions in zip(rows, prompt_ids, teacher_prompt_ids, completions_P_G):
             for j, completion in enumerate(completions):
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
-                correct = None if row.answer is None else bool(self.verifier(text, row.answer))
-                rollouts.append(
-                    Rollout(ids, completion, row.index, sampling.temperature, j, row.answer, correct, text,
-                            self.answer_extractor(text), teacher_ids)
-                )
+                rollouts.append(Rollout(ids, completion, row.index, sampling.temperature, j, row.answer, text=text,
+                                        teacher_prompt_ids=teacher_ids))
+        self._grade(rollouts, verifier)
         return rollouts
+
+    def _grade(self, rollouts: list[Rollout], verifier: BatchVerifier | None) -> None:
+        """Fills in the verdicts (`correct`, `final_answer`, `verdict`) of the rollouts that have an answer.
+
+        With the per-completion verifier every rollout also gets its extracted final answer.
+        """
+        if verifier is None:
+            for rollout in rollouts:
+                rollout.final_answer = self.answer_extractor(rollout.text)
+                if rollout.answer is not None:
+                    rollout.correct = bool(self.verifier(rollout.text, rollout.answer))
+            return
+        rollouts = [r for r in rollouts if r.answer is not None]
+        verdicts = verifier.grade([r.text for r in rollouts], [r.answer for r in rollouts])
+        for rollout, verdict in zip(rollouts, verdicts, strict=True):
+            rollout.correct, rollout.final_answer, rollout.verdict = verdict.correct, verdict.final_answer, verdict.detail
 
     def sample_round(self, epoch: int) -> list[Rollout]:
         """This rank's rollouts of round `epoch`, sampled with the current student."""
@@ -366,19 +396,25 @@ class OnPolicyDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per benchmark in `test_sets`, yielding lists of graded `Rollout`s."""
         return [
-            self._evaluation_loader(name, *self.test_rows[name], self.test_sampling) for name in self.test_rows
+            self._evaluation_loader(name, *self.test_rows[name], self.test_sampling, self.test_verifiers[name])
+            for name in self.test_rows
         ]
 
     predict_dataloader = test_dataloader
 
     def _evaluation_loader(
-        self, stream: str, rows: list[PromptRow], prompt_ids: list[list[int]], sampling: SamplingConfig
+        self,
+        stream: str,
+        rows: list[PromptRow],
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        verifier: BatchVerifier | None = None,
     ) -> DataLoader:
         """This rank's share of the problems; each sample keyed by (seed, stream, problem, sample)."""
         rank, world = self._rank()
         rows, prompt_ids = rows[rank::world], prompt_ids[rank::world]
         seeds = [stream_key(self.seed, zlib.crc32(stream.encode()), row.index) for row in rows]
-        sample = partial(self.generate_rollouts, rows, prompt_ids, sampling, seeds)
+        sample = partial(self.generate_rollouts, rows, prompt_ids, sampling, seeds, verifier=verifier)
         return DataLoader(_SampledOnIteration(sample, self.val_batch_size), batch_size=None)
 
     def _collate(self, rollouts: list[Rollout]) -> RolloutBatch:

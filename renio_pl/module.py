@@ -204,9 +204,13 @@ class DistillationModule(pl.LightningModule):
         if stage in ("fit", "validate"):
             self.val_metrics = accuracy_metrics(_samples_per_problem(datamodule, "val_sampling"), self.pass_at_k)
         if stage == "test":
-            names = [eval_set.name for eval_set in getattr(datamodule, "test_sets", [])]
             n = _samples_per_problem(datamodule, "test_sampling")
-            self.test_metrics = ModuleDict({name: accuracy_metrics(n, self.pass_at_k) for name in names})
+            self.test_metrics = ModuleDict({
+                eval_set.name: accuracy_metrics(
+                    n, self.pass_at_k, majority=eval_set.verifier is None or eval_set.verifier.majority_vote
+                )
+                for eval_set in getattr(datamodule, "test_sets", [])
+            })
 
     def validation_step(self, batch: list[Rollout], batch_idx: int) -> None:
         update_accuracy(self.val_metrics, batch, self.device)

@@ -5,7 +5,9 @@ Stage 1 of the data flow (**prompts** -> rollouts -> log-probs -> weights -> los
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_FILE_FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json", ".json.gz": "json", ".parquet": "parquet"}
 
 
 @dataclass
@@ -43,7 +45,7 @@ class PromptRow:
 
 
 def _looks_like_path(source: str) -> bool:
-    return Path(source).suffix in _FILE_FORMATS or source.startswith((".", "/", "~"))
+    return source.endswith(tuple(_FILE_FORMATS)) or source.startswith((".", "/", "~"))
 
 
 def load_rows(
@@ -62,7 +64,7 @@ def load_rows(
     not listed, or with no `SHA256SUMS` above them, load unchecked.
 
     Args:
-        source: a local `.jsonl`, `.json` or `.parquet` file, or a hub data set id.
+        source: a local `.jsonl`, `.json` (either may be gzipped) or `.parquet` file, or a hub data set id.
         prompt_field: column holding the problem text.
         answer_field: column holding the reference answer, or None for none.
         split: the split of a hub data set.
@@ -82,16 +84,17 @@ def load_rows(
         )
     path = Path(source).expanduser()
     if path.is_file():
-        fmt = _FILE_FORMATS.get(path.suffix)
+        suffix = Path(path.stem).suffix + ".gz" if path.suffix == ".gz" else path.suffix
+        fmt = _FILE_FORMATS.get(suffix)
         if fmt is None:
-            raise ConfigError(f"{option}: unsupported file type {path.suffix!r} ({source}); use .jsonl or .parquet")
+            raise ConfigError(f"{option}: unsupported file type {suffix!r} ({source}); use .jsonl(.gz) or .parquet")
         check_sha256(path, source, option)
         if path.stat().st_size == 0:
             raise ConfigError(f"{option}: {source} is empty (0 bytes); give a file with at least one problem")
         try:
-            data = datasets.load_dataset(fmt, data_files=str(path), split="train")
-        except Exception as error:  # datasets raises many types for unreadable files
-            raise ConfigError(f"{option}: cannot read {source} as {path.suffix}: {_first_line(error)}") from error
+            data = _JsonLines(path) if fmt == "jsonl" else datasets.load_dataset(fmt, data_files=str(path), split="train")
+        except Exception as error:  # datasets and json raise many types for unreadable files
+            raise ConfigError(f"{option}: cannot read {source} as {suffix}: {_first_line(error)}") from error
     elif _looks_like_path(source):
         raise ConfigError(f"{option}: file {source} does not exist; check the path")
     else:
@@ -131,6 +134,26 @@ def load_rows(
                 "(data.solution_field); OPSD's teacher needs one for every problem"
             )
     return [PromptRow(i, str(p), a, sol) for i, (p, a, sol) in enumerate(zip(problems, answers, solutions))]
+
+
+class _JsonLines:
+    """The records of a (gzipped) JSON Lines file, read as columns like a `datasets.Dataset`.
+
+    Read with `json`, not `datasets`: Arrow's JSON reader fails on records with very large
+    values (HumanEval+'s test inputs) and on columns whose types vary between records.
+    """
+
+    def __init__(self, path: Path) -> None:
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode()
+        self.records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        self.column_names = list(dict.fromkeys(key for record in self.records for key in record))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, column: str) -> list:
+        return [record.get(column) for record in self.records]
 
 
 def check_sha256(path: Path, source: str, option: str) -> None:

@@ -76,6 +76,7 @@ class Rollout:
         final_answer: the answer extracted from `text`, None when there is none.
         teacher_prompt_ids: the teacher's own prompt (OPSD: with the reference solution), or
             None when the teacher reads the student's prompt.
+        verdict: a finer verdict from a batch verifier (code: `pass`, `base:fail`, ...), or None.
     """
 
     prompt_ids: list[int]
@@ -88,6 +89,7 @@ class Rollout:
     text: str = ""
     final_answer: str | None = None
     teacher_prompt_ids: list[int] | None = None
+    verdict: str | None = None
 
 
 @dataclass
@@ -106,6 +108,8 @@ class RolloutBatch:
             front of the same completions, or None when the teacher reads `input_ids`.
         teacher_attention_mask: (B, P_T + T) int64, or None.
         teacher_prompt_length: `P_T`, or None.
+        texts: the B decoded completions (`Rollout.text`), read by the diagnostics (epistemic
+            markers), or None.
     """
 
     input_ids: Tensor
@@ -118,6 +122,7 @@ class RolloutBatch:
     teacher_input_ids: Tensor | None = None
     teacher_attention_mask: Tensor | None = None
     teacher_prompt_length: int | None = None
+    texts: list[str] | None = None
 
     def teacher_inputs(self) -> tuple[Tensor, Tensor, int]:
         """(input_ids, attention_mask, prompt_length) the teacher scores the completions after."""
@@ -166,6 +171,7 @@ def collate_rollouts(rollouts: list[Rollout], pad_token_id: int) -> RolloutBatch
         teacher_input_ids=teacher[0],
         teacher_attention_mask=teacher[1],
         teacher_prompt_length=teacher[2],
+        texts=[r.text for r in rollouts],
     )
 
 

@@ -56,10 +56,15 @@ def test_every_shipped_eval_config_parses(config, capsys):
     printed = printed_config("test", config, capsys)
     sets = printed["data"]["test_sets"]
     assert sets and all((ROOT / s["path"]).is_file() for s in sets)
+    code = all(s["verifier"] is not None for s in sets)  # HumanEval+ / MBPP+: graded in the sandbox
     assert printed["data"]["test_sampling"] == {
-        "n": 12, "temperature": 1.0, "top_p": 0.95, "top_k": 0, "max_new_tokens": 38912
+        "n": 12, "temperature": 1.0, "top_p": 0.95, "top_k": 0, "max_new_tokens": 16384 if code else 38912
     }  # the paper's evaluation settings
-    assert printed["data"]["prompt_format"]["chat_template_kwargs"] == {"enable_thinking": True}
+    formats = [s["prompt_format"] for s in sets] if code else [printed["data"]["prompt_format"]]
+    assert all(f["chat_template_kwargs"] == {"enable_thinking": True} for f in formats)
+    if code:
+        assert all(s["answer_field"] == "task_id" and "```\n{problem}\n```" in s["prompt_format"]["template"]
+                   for s in sets)
     assert printed["trainer"]["callbacks"][0]["class_path"] == "renio_pl.callbacks.EvaluationReport"
 
 

@@ -58,6 +58,12 @@ CASES = [
         from math import gcd
         def greatest_common_divisor(a, b):
             return str(gcd(a, b))"""),
+    ("he22 typing name not imported", "HumanEval/22",
+     "def filter_integers(values: List[Any]) -> List[int]:\n    return [v for v in values if type(v) is int]"),
+    ("he22 typing names imported", "HumanEval/22", """
+        from typing import Any, List
+        def filter_integers(values: List[Any]) -> List[int]:
+            return [v for v in values if type(v) is int]"""),
     ("he32 canonical", "HumanEval/32", None),
     ("he45 error 1e-9, atol 0 but floats", "HumanEval/45", "def triangle_area(a, h):\n    return a * h / 2.0 + 1e-9"),
     ("he45 error 1e-5", "HumanEval/45", "def triangle_area(a, h):\n    return a * h / 2.0 + 1e-5"),
@@ -117,6 +123,8 @@ CASES = [
 EVALPLUS = {
     "he0 canonical": (True, True),
     "he0 always true": (False, False),
+    "he22 typing name not imported": (False, False),  # annotations are evaluated: NameError
+    "he22 typing names imported": (True, True),
     "he2 canonical": (True, True),
     "he2 error 1e-9 within atol": (True, True),
     "he2 error 1e-4 beyond atol": (False, False),
@@ -320,3 +328,103 @@ def test_every_humaneval_canonical_solution_passes_but_find_zero(tmp_path, monke
     failed = {r["task_id"]: r["status"] for r in results if not r["plus_passed"]}
     assert failed.pop("HumanEval/32") == "base:fail"
     assert all(status.endswith(":timeout") for status in failed.values()) and len(failed) <= 2, failed
+
+
+# ---------------------------------------------------------------- completions -> programs -> verdicts
+
+HE0 = load_problems("humaneval")["HumanEval/0"]
+
+
+def test_extract_program_takes_the_answer_block_and_keeps_definitions():
+    completion = (
+        "<think>First try:\n```python\ndef has_close_elements(numbers, threshold):\n    return False\n```\n</think>"
+        "Here it is:\n```python\nimport math\n\ndef has_close_elements(numbers, threshold):\n    return True\n\n"
+        "print(has_close_elements([1.0], 0.5))\nif __name__ == '__main__':\n    input()\n```\n"
+        "And a usage example:\n```python\nhas_close_elements([], 1.0)\n```\n"
+    )
+    assert code.extract_program(completion, HE0.prompt, HE0.entry_point) == (
+        "import math\n\ndef has_close_elements(numbers, threshold):\n    return True\n"
+    )
+    # a base model's continuation of the prompt: the program is prompt + completion
+    body = "    return True\n"
+    assert code.extract_program(body, HE0.prompt, HE0.entry_point).endswith('"""\n    return True\n')
+    # a block cut off at the end of the budget is still taken (and fails to parse: returned whole)
+    cut = "```python\ndef has_close_elements(numbers, threshold):\n    return ("
+    assert code.extract_program(cut, HE0.prompt, HE0.entry_point) == cut.removeprefix("```python\n")
+
+
+def test_code_verifier_grades_model_completions_in_the_sandbox(cache):
+    he2 = load_problems("humaneval")["HumanEval/2"]
+    canonical_body = he2.canonical.removeprefix(he2.prompt)
+    completions = [
+        f"<think>easy</think>\n```python\n{he2.canonical}\nprint(truncate_number(3.5))\n```",  # chat style: pass
+        canonical_body,  # continuation style: pass
+        "```python\ndef truncate_number(number):\n    return number\n```",  # wrong: base tests fail
+        "I do not know.",  # no code
+    ]
+    verdicts = code.CodeVerifier("humaneval", workers=2).grade(completions, ["HumanEval/2"] * 4)
+    assert [(v.correct, v.detail) for v in verdicts] == [
+        (True, "pass"), (True, "pass"), (False, "base:fail"), (False, "base:fail"),
+    ]
+    assert all(v.final_answer is None for v in verdicts)  # nothing to vote on
+    with pytest.raises(ConfigError, match="'2' is not a humaneval task id; set the test set's answer_field to task_id"):
+        code.CodeVerifier("humaneval").grade(["x"], ["2"])
+    with pytest.raises(ConfigError, match="dataset must be one of humaneval, mbpp; got 'apps'"):
+        code.CodeVerifier("apps")
+
+
+def test_benchmark_rows_load_from_the_gzipped_release_files():
+    from renio_pl.prompts import load_rows
+
+    for dataset, count in (("humaneval", 164), ("mbpp", 378)):
+        path = code.DATA_DIR / code.DATASETS[dataset]
+        rows = load_rows(str(path), "prompt", "task_id", "test", "data.test_sets[0].path")
+        problems = load_problems(dataset)
+        assert len(rows) == count and [row.answer for row in rows] == list(problems)
+        assert all(row.problem == problems[row.answer].prompt for row in rows)
+
+
+def run_code_test(model_dirs, out: Path, devices: int, cache: Path) -> dict:
+    """`renio-pl test` with the shipped HumanEval+ config, cut down to a tiny model and 3 tasks."""
+    override = {
+        "trainer": {
+            "accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto",
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": ""}},
+        },
+        "model": {"student": str(model_dirs["student"]), "dtype": "float32"},
+        "data": {
+            "test_sampling": {"n": 4, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 8},
+            "test_sets": [{
+                "name": "humaneval_plus", "path": "evaluation/data/code/HumanEvalPlus-v0.1.10.jsonl.gz",
+                "prompt_field": "prompt", "answer_field": "task_id", "limit": 3,
+                "prompt_format": {"template": "Solve:\n```\n{problem}\n```\n"},
+                "verifier": {"class_path": "renio_pl.evaluators.code.CodeVerifier",
+                             "init_args": {"dataset": "humaneval", "workers": 2}},
+            }],
+        },
+    }
+    out.mkdir(parents=True)
+    (out / "override.yaml").write_text(json.dumps(override))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "RENIO_PL_CACHE": str(cache)}
+    result = subprocess.run(
+        [sys.executable, "-m", "renio_pl.cli", "test", "--config", "configs/eval/humaneval_plus.yaml",
+         "--config", str(out / "override.yaml")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| humaneval_plus | 3 |" in result.stdout
+    return json.loads(next(out.glob("**/eval/humaneval_plus.json")).read_text())
+
+
+@pytest.mark.slow
+def test_test_command_runs_the_code_benchmark_on_one_and_two_processes(model_dirs, tmp_path, cache):
+    one = run_code_test(model_dirs, tmp_path / "one", 1, cache)
+    two = run_code_test(model_dirs, tmp_path / "two", 2, cache)
+    assert one == two  # same samples, same verdicts, no task counted twice or dropped
+    assert set(one["metrics"]) == {"avg@4", "pass@4"}  # no maj@4: programs are not voted on
+    assert [p["answer"] for p in one["problems"]] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    samples = [s for p in one["problems"] for s in p["samples"]]
+    assert len(samples) == 12
+    # a random-weight model writes no working code: every sample ran and failed its base tests
+    assert {s["verdict"] for s in samples} == {"base:fail"} and one["metrics"]["avg@4"] == 0.0

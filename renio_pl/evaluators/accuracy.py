@@ -17,11 +17,12 @@ from renio_pl.rollouts import Rollout
 __all__ = ["accuracy_metrics", "update_accuracy", "compute_accuracy", "completion_record"]
 
 
-def accuracy_metrics(n: int, pass_at_k: list[int]) -> MetricCollection:
-    """Avg@n, and with several samples per problem maj@n and each pass@k with 1 < k <= n."""
+def accuracy_metrics(n: int, pass_at_k: list[int], majority: bool = True) -> MetricCollection:
+    """Avg@n, and with several samples per problem maj@n (unless `majority` is False) and each pass@k with 1 < k <= n."""
     metrics = {f"avg@{n}": AvgAtK()}
     if n > 1:
-        metrics[f"maj@{n}"] = MajorityVote()
+        if majority:
+            metrics[f"maj@{n}"] = MajorityVote()
         metrics.update({f"pass@{k}": PassAtK(k) for k in sorted(set(pass_at_k)) if 1 < k <= n})
     return MetricCollection(metrics, compute_groups=[list(metrics)])
 
@@ -51,7 +52,7 @@ def compute_accuracy(metrics: MetricCollection) -> dict[str, float]:
 
 
 def completion_record(rollout: Rollout) -> dict:
-    """What a report keeps of one sample: indices, the completion, its answer and verdict."""
+    """What a report keeps of one sample: indices, the completion, its answer and verdict (and a batch verifier's detail)."""
     return {
         "problem": rollout.prompt_index,
         "sample": rollout.sample_index,
@@ -60,4 +61,5 @@ def completion_record(rollout: Rollout) -> dict:
         "final_answer": rollout.final_answer,
         "answer": rollout.answer,
         "correct": rollout.correct,
+        **({"verdict": rollout.verdict} if rollout.verdict is not None else {}),
     }

@@ -36,11 +36,13 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import ast
 import json
 import logging
 import math
 import os
 import pickle
+import re
 import sys
 import tempfile
 import time
@@ -52,9 +54,10 @@ import numpy as np
 
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators import harness, sandbox
+from renio_pl.evaluators.verifier import BatchVerifier, Verdict
 from renio_pl.prompts import check_sha256
 
-__all__ = ["evaluate_solutions", "load_problems", "Problem", "DATASETS"]
+__all__ = ["evaluate_solutions", "load_problems", "Problem", "DATASETS", "extract_program", "CodeVerifier"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ class Problem:
 
     task_id: str
     entry_point: str
+    prompt: str  # what the model is shown (HumanEval: signature and docstring; MBPP: description and a test)
     canonical: str  # prompt + canonical solution, the program EvalPlus runs for expected outputs
     inputs: dict[str, list]  # "base" / "plus" -> argument lists
     atol: float
@@ -130,7 +134,7 @@ def load_problems(dataset: str) -> dict[str, Problem]:
         row = json.loads(line)
         convert = _MBPP_ARGUMENTS.get(row["task_id"], lambda args: args)
         inputs = {stage: [convert(args) for args in row[f"{stage}_input"]] for stage in _STAGES}
-        problems[row["task_id"]] = Problem(row["task_id"], row["entry_point"],
+        problems[row["task_id"]] = Problem(row["task_id"], row["entry_point"], row["prompt"],
                                            row["prompt"] + row["canonical_solution"], inputs, row["atol"])
     return problems
 
@@ -439,3 +443,71 @@ def evaluate_solutions(solutions: list[dict], dataset: str, *, workers: int | No
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(grade, solutions))
+
+
+# ---------------------------------------------------------------- model completions -> programs
+
+_CODE_BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
+_KEPT_STATEMENTS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                    ast.Assign, ast.AnnAssign)
+
+
+def extract_program(completion: str, prompt: str, entry_point: str) -> str:
+    """The program to grade for a model's completion, as EvalPlus's sanitizer would take it.
+
+    The reasoning (up to the last `</think>`) is dropped. From what follows, the last
+    fenced code block (untagged or tagged python; one cut off at the end counts) that
+    defines `entry_point` is taken, else the last fenced block, else the whole text. If that
+    code does not define `entry_point`, the completion continues the prompt (a base model's
+    completion) and the program is `prompt + text`. Finally only top-level imports,
+    definitions and assignments are kept, so a model's example calls, `print`s, `input()`s
+    and `if __name__ == "__main__":` blocks do not run (EvalPlus's `sanitize` also keeps just
+    these; it prunes definitions the entry point does not reach as well, which changes no
+    verdict). Code that does not parse is returned whole, and fails its tests.
+    """
+    text = completion.rpartition("</think>")[2]
+    blocks = [code for tag, code in _CODE_BLOCK.findall(text) if tag.lower() in ("", "python", "py", "python3")]
+    defines = re.compile(rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.M)
+    code = next((block for block in reversed(blocks) if defines.search(block)), blocks[-1] if blocks else text)
+    if not defines.search(code):
+        code = prompt + text
+    try:
+        module = ast.parse(code)
+    except SyntaxError:
+        return code
+    module.body = [statement for statement in module.body if isinstance(statement, _KEPT_STATEMENTS)]
+    return ast.unparse(module) + "\n"
+
+
+class CodeVerifier(BatchVerifier):
+    """HumanEval+ / MBPP+ grading for `renio-pl test`: each completion made a program and run in the sandbox.
+
+    A completion counts as solved when it passes the base and the extra tests (EvalPlus's
+    "plus"); each verdict's `detail` is `evaluate_solutions`'s status, so reports keep the
+    base-test result too. References are task ids (the data's `task_id` column).
+
+    Args:
+        dataset: "humaneval" or "mbpp".
+        workers: programs run at once; default `os.cpu_count()`.
+    """
+
+    majority_vote = False  # programs are not answers that can be voted on
+
+    def __init__(self, dataset: str, workers: int | None = None) -> None:
+        _data_path(dataset)  # fails now, in one line, on an unknown dataset or a bad file
+        self.dataset, self.workers = dataset, workers
+
+    def grade(self, completions: list[str], references: list[str]) -> list[Verdict]:
+        problems = load_problems(self.dataset)
+        unknown = next((task_id for task_id in references if task_id not in problems), None)
+        if unknown is not None:
+            raise ConfigError(
+                f"CodeVerifier({self.dataset!r}): the reference {unknown!r} is not a {self.dataset} task id; "
+                "set the test set's answer_field to task_id"
+            )
+        solutions = [
+            {"task_id": task_id, "solution": extract_program(text, problems[task_id].prompt, problems[task_id].entry_point)}
+            for text, task_id in zip(completions, references)
+        ]
+        results = evaluate_solutions(solutions, self.dataset, workers=self.workers)
+        return [Verdict(result["plus_passed"], detail=result["status"]) for result in results]

@@ -343,7 +343,9 @@ def main() -> None:
         _disable_like_evalplus()
     namespace: dict = {}
     try:
-        _swallowed(exec, code, namespace)
+        # compiled apart: `exec(str)` would inherit this file's `from __future__ import annotations`,
+        # and a program's unimported annotation names (`List`) would not fail as under EvalPlus
+        _swallowed(exec, compile(code, "<program>", "exec", dont_inherit=True), namespace)
         function = namespace[payload["entry_point"]]
     except BaseException as error:
         _send(json.dumps({"load": _error_text(error)}))
