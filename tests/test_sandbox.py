@@ -184,6 +184,28 @@ def test_working_directory_is_fresh_for_every_run():
     assert printed(run_python("import json, os; print(json.dumps(os.listdir('.')))")) == []
 
 
+@needs_namespaces
+def test_an_evaluator_in_a_virtual_environment_under_tmp_runs_programs(tmp_path):
+    """CI builds its environment inside its checkout, which may sit in /tmp (the jail's private /tmp)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    evaluator = f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("sandbox", {sandbox.__file__!r})
+        sandbox = importlib.util.module_from_spec(spec)
+        sys.modules["sandbox"] = sandbox
+        spec.loader.exec_module(sandbox)
+        program = "import json, os, sys; print(json.dumps([os.getcwd(), os.listdir('.'), sys.executable]))"
+        result = sandbox.run([sys.executable, "-S", "-c", program])
+        print(sys.executable, result.returncode, result.stdout.decode().strip(), result.stderr[-500:], sep="\\n")
+    """
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", textwrap.dedent(evaluator)],
+                          capture_output=True, text=True, timeout=120)
+    executable, returncode, stdout, stderr = done.stdout.split("\n", 3)
+    assert executable.startswith("/tmp/") and returncode == "0", (done.stderr[-2000:], stderr)
+    assert json.loads(stdout) == ["/tmp/work", [], executable]  # a fresh working directory beside the bound venv
+
+
 @needs_uid
 def test_fork_bomb_is_contained_and_leaves_no_process():
     started = time.monotonic()

@@ -12,7 +12,9 @@ machines) everything below holds:
   whose root is a read-only tmpfs holding read-only, nosuid binds of /usr, /etc, /bin,
   /lib* and the Python prefixes; /root, /home, the repository, its data and caches are
   absent. /tmp (the working directory and $HOME), /var/tmp (a link to it) and /dev/shm are
-  private tmpfs mounts of `Limits.tmp_bytes` each, gone with the run.
+  private tmpfs mounts of `Limits.tmp_bytes` each, gone with the run (a Python prefix under
+  /tmp, such as a CI virtual environment, is bound read-only inside the private /tmp, and
+  the working directory is then a fresh /tmp/work).
 - No privileges: a dedicated uid and gid per concurrent run (`UID_BASE` + a slot held by
   a lock file, so runs in other processes get other uids), no supplementary groups,
   `no_new_privs`. The program cannot read the host's private files, signal the evaluator
@@ -118,6 +120,13 @@ def _build_jail(libc, config: dict) -> None:
     os.umask(0o022)
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount reaches the host
     _mount(libc, "tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=4m,nr_inodes=4096,mode=755")
+    for private in ("/tmp", "/dev/shm"):  # first: a Python prefix under /tmp is bound inside the private one
+        os.makedirs(root + private)
+        options = f"size={size},nr_inodes=16384,mode=700,uid={uid},gid={gid}"
+        _mount(libc, "tmpfs", root + private, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
+    if config["cwd"] != "/tmp":
+        os.mkdir(root + config["cwd"], 0o700)
+        os.chown(root + config["cwd"], uid, gid)
     for path in config["binds"]:
         os.makedirs(root + path, exist_ok=True)
         _mount(libc, path, root + path, None, _MS_BIND)
@@ -130,10 +139,6 @@ def _build_jail(libc, config: dict) -> None:
         _mount(libc, f"/dev/{device}", f"{root}/dev/{device}", None, _MS_BIND)
     os.mkdir(root + "/proc")
     _mount(libc, "proc", root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    for private in ("/tmp", "/dev/shm"):
-        os.makedirs(root + private)
-        options = f"size={size},nr_inodes=16384,mode=700,uid={uid},gid={gid}"
-        _mount(libc, "tmpfs", root + private, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
     _mount(libc, None, root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
     os.chroot(root)
     os.chdir("/")
@@ -395,7 +400,7 @@ def _run(argv, stdin, env, limits, on_report, caps: Capabilities) -> RunResult:
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         uid = stack.enter_context(_uid_slot()) if caps.separate_uid else None
-        workdir = "/tmp"
+        workdir = _jail_layout()["workdir"] if caps.namespaces else None
         if not caps.namespaces:
             workdir = tempfile.mkdtemp(prefix="renio_pl_sandbox_")
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
@@ -576,7 +581,10 @@ def _jail_layout() -> dict:
         b == d or b.startswith(d + "/") for b in binds)), None)
     if jail is None:
         raise SandboxError(f"no directory to build the jail on: each of {_JAIL_MOUNTPOINTS} is missing or holds Python")
-    return {"jail": jail, "binds": binds, "links": links}
+    # the program's working directory, $HOME and $TMPDIR: its private /tmp, or a fresh folder in it
+    # when a Python prefix (a virtual environment in /tmp) is bound there too
+    workdir = "/tmp/work" if any(b.startswith("/tmp/") for b in binds) else "/tmp"
+    return {"jail": jail, "binds": binds, "links": links, "workdir": workdir}
 
 
 @contextlib.contextmanager
