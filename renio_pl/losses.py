@@ -138,3 +138,106 @@ def weighted_loss(token_loss: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
     mask = mask.to(token_loss.dtype)
     per_sample = (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B,)
     return (weights.detach().to(per_sample.dtype) * per_sample).mean()
+
+
+# --- Offline objectives on teacher traces (REDI, Xu et al. 2025) ---------------------------------
+# The completions here are fixed teacher traces, not rollouts: each objective reads the student's
+# log-prob of every trace token, `(B, T)` with 0 off the mask, and sums or averages it.
+
+__all__ += ["length_normalized_logprobs", "TraceLoss", "SFTLoss", "REDILoss"]
+
+
+def length_normalized_logprobs(token_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """`log pi(y|x) / |y|` of each completion: summed token log-probs over its length (at least 1).
+
+    Args:
+        token_logprobs: (B, T) float log-prob of each completion token (EOS included), with grad.
+        mask: (B, T) bool, True on completion tokens.
+    Returns:
+        (B,) float32.
+    """
+    mask = mask.to(torch.float32)
+    return (token_logprobs.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class TraceLoss(torch.nn.Module, ABC):
+    """Objective on offline traces: positive completions (and, for pairwise objectives, negative ones).
+
+    Attributes:
+        needs_negatives: True when each positive comes with a negative of the same prompt
+            (`TraceDataModule(stage="redi")`), False for positives alone (`stage="sft"`).
+    """
+
+    needs_negatives: bool
+
+    @abstractmethod
+    def forward(
+        self,
+        positive_logprobs: Tensor,
+        positive_mask: Tensor,
+        negative_logprobs: Tensor | None = None,
+        negative_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Batch loss.
+
+        Args:
+            positive_logprobs: (B, T) float student log-prob of each positive completion token, with grad.
+            positive_mask: (B, T) bool, True on completion tokens.
+            negative_logprobs: (B, T') the same for the negative of each pair, or None.
+            negative_mask: (B, T') bool, or None.
+        Returns:
+            () float32.
+        """
+
+
+class SFTLoss(TraceLoss):
+    """Stage 1 of REDI: `-log pi(y_w | x)`, averaged over every completion token of the batch.
+
+    The token mean over the batch (not a mean of per-completion means) is what the REDI
+    authors' SFT trains with (TRL's `SFTTrainer`, loss on completion tokens only), so long
+    traces weigh more than short ones.
+    """
+
+    needs_negatives = False
+
+    def forward(
+        self, positive_logprobs: Tensor, positive_mask: Tensor, negative_logprobs: Tensor | None = None,
+        negative_mask: Tensor | None = None,
+    ) -> Tensor:
+        mask = positive_mask.to(torch.float32)
+        return -(positive_logprobs.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class REDILoss(TraceLoss):
+    """Stage 2 of REDI, per pair: `-log pi(y_w|x) / |y_w| + alpha * log pi(y_l|x) / |y_l|`, batch mean.
+
+    No reference model, sigmoid, margin or clipping. `alpha = 0` trains on the positives alone
+    (with per-completion length normalisation); `alpha = 1` (symmetric) collapses unless the
+    learning rate is tiny (the authors report it stable only near 2e-7).
+
+    Args:
+        alpha: weight of the negative term; the authors' 0.8 (swept 0.2 / 0.5 / 0.8 / 1.0).
+    """
+
+    needs_negatives = True
+
+    def __init__(self, alpha: float = 0.8) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"model.objective.init_args.alpha must be in [0, 1] (the authors use 0.8); got {alpha}")
+        self.alpha = alpha
+
+    def forward(
+        self, positive_logprobs: Tensor, positive_mask: Tensor, negative_logprobs: Tensor | None = None,
+        negative_mask: Tensor | None = None,
+    ) -> Tensor:
+        if negative_logprobs is None or negative_mask is None:
+            raise ValueError("REDILoss needs a negative completion for every positive one")
+        if negative_logprobs.shape[0] != positive_logprobs.shape[0]:
+            raise ValueError(
+                f"REDILoss pairs positives and negatives: {positive_logprobs.shape[0]} positives, "
+                f"{negative_logprobs.shape[0]} negatives"
+            )
+        positive = length_normalized_logprobs(positive_logprobs, positive_mask)  # (B,)
+        negative = length_normalized_logprobs(negative_logprobs, negative_mask)  # (B,)
+        return (-positive + self.alpha * negative).mean()

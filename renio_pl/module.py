@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torch.nn import ModuleDict
 
+from renio_pl.diagnostics import Diagnostics
 from renio_pl.errors import ConfigError, TrainingDiverged
 from renio_pl.evaluators.accuracy import accuracy_metrics, completion_record, compute_accuracy, update_accuracy
 from renio_pl.losses import ForwardKL, Loss, weighted_loss
@@ -53,6 +54,9 @@ class DistillationModule(pl.LightningModule):
         evaluate_before_fit: log held-out accuracy at step 0, before the first update.
         pass_at_k: the k of each pass@k reported next to Avg@k and maj@k (those above the
             samples per problem are left out).
+        diagnostics: per round, when the rollouts carry verifier labels: AUROC and mean weight
+            of correct vs incorrect rollouts for the active and other weighters, lengths and
+            epistemic markers (`renio_pl.diagnostics`); never used for training. None: off.
     """
 
     def __init__(
@@ -68,17 +72,19 @@ class DistillationModule(pl.LightningModule):
         chunk_tokens: int = 4096,
         evaluate_before_fit: bool = True,
         pass_at_k: list[int] = [4],
+        diagnostics: Diagnostics | None = lazy_instance(Diagnostics),
     ) -> None:
         super().__init__()
         if chunk_tokens < 1:
             raise ConfigError(f"model.chunk_tokens must be >= 1; got {chunk_tokens}")
-        self.save_hyperparameters(ignore=["weighter", "loss", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["weighter", "loss", "optimizer", "lr_scheduler", "diagnostics"])
         self.weighter = weighter
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.chunk_tokens = chunk_tokens
         self.evaluate_before_fit = evaluate_before_fit
+        self.diagnostics = diagnostics
         if any(k < 1 for k in pass_at_k):
             raise ConfigError(f"model.pass_at_k values must be >= 1; got {pass_at_k}")
         self.pass_at_k = list(pass_at_k)
@@ -196,6 +202,17 @@ class DistillationModule(pl.LightningModule):
             metrics["rollout/accuracy"] = batch.correct.mean()
         self.log_dict(metrics, batch_size=mask.shape[0], prog_bar=False)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=mask.shape[0])
+        if self.diagnostics is not None and batch.correct is not None:
+            self.diagnostics.update(inputs, weights, self.weighter, batch.texts)
+
+    def on_train_epoch_start(self) -> None:
+        if self.diagnostics is not None:
+            self.diagnostics.reset()  # a round's diagnostics cover that round only
+
+    def on_train_epoch_end(self) -> None:
+        """Logs the round's diagnostics (nothing when its rollouts had no labels)."""
+        if self.diagnostics is not None:
+            self.log_dict(self.diagnostics.compute(), sync_dist=True)  # equal on every rank already
 
     # --- evaluation: held-out accuracy during fit, benchmarks in test ------------------------
     def setup(self, stage: str) -> None:

@@ -13,7 +13,11 @@ from tests.conftest import tiny_qwen3, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = {ROOT / "configs" / "demo_vllm.yaml"}  # applied on top of demo.yaml, not alone
-FIT_CONFIGS = sorted({*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "paper").glob("*.yaml")} - OVERLAYS)
+# REDI's configs are for `renio-pl-redi` / `renio-pl-redi-traces`; tests/test_redi.py parses them
+REDI = {*(ROOT / "configs").glob("demo_redi*.yaml"), *(ROOT / "configs" / "paper").glob("redi_*.yaml")}
+FIT_CONFIGS = sorted(
+    {*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "paper").glob("*.yaml")} - OVERLAYS - REDI
+)
 # configs/eval/: whole configs name their benchmarks; the others are fragments they include
 EVAL_CONFIGS = sorted(p for p in (ROOT / "configs" / "eval").glob("*.yaml") if "test_sets:" in p.read_text())
 
