@@ -9,8 +9,10 @@ for the held-out prompts with the evaluation sampling settings, and `test_datalo
 rounds regenerate. With several processes each rank generates the rollouts of its own share
 of the prompts. With `solution_field` set the data module serves OPSD: each training rollout
 also carries the teacher's privileged prompt (the problem with its reference solution, through
-`teacher_prompt_format`), and the teacher scores the same completion tokens after it. Every
-sample's randomness is keyed by (seed, round, prompt, sample)
+`teacher_prompt_format`), and the teacher scores the same completion tokens after it. With a
+`refiner` (TRD, `renio_pl.refinement`) each training rollout is rewritten whole by the teacher
+before it is served, on the refiner's schedule: every round, or once for the whole data set.
+Every sample's randomness is keyed by (seed, round, prompt, sample)
 (`renio_pl.sampling`), so it is the same whatever the number of processes or batch size.
 """
 
@@ -36,6 +38,7 @@ from renio_pl.evaluators.math import extract_answer, is_correct
 from renio_pl.evaluators.verifier import BatchVerifier
 from renio_pl.models import load_tokenizer
 from renio_pl.prompts import OPSD_TEACHER_TEMPLATE, PromptFormat, PromptRow, load_rows, render_prompt
+from renio_pl.refinement import Refiner, refinement_counts, refinement_metrics
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key
 
@@ -75,6 +78,8 @@ class EvalSet:
 
 
 _VALIDATION_STREAM = "validation"  # names the random streams of validation samples
+_REWRITE_STREAM = "rewrite"  # ... of the refiner's rewrites
+_INITIAL_STREAM = "initial_student"  # ... of the rollouts a `once` refiner rewrites
 
 
 class OnPolicyDataModule(pl.LightningDataModule):
@@ -96,6 +101,9 @@ class OnPolicyDataModule(pl.LightningDataModule):
             student's prompt.
         teacher_prompt_format: the teacher's privileged prompt (with `{solution}`), used when
             `solution_field` is set; the default is the OPSD authors' template, thinking on.
+            With a `refiner` the teacher reads the rewrite prompt instead.
+        refiner: rewrites each training rollout whole with the teacher before it is trained on
+            (TRD, `renio_pl.refinement.Refiner`); None trains on the student's rollouts.
         engine: the rollout engine.
         sampling: training rollouts: `n` per prompt, temperature, top_p, top_k, max_new_tokens.
         val_sampling: held-out samples (default: one greedy completion per prompt).
@@ -126,6 +134,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         teacher_prompt_format: PromptFormat = PromptFormat(
             template=OPSD_TEACHER_TEMPLATE, chat_template_kwargs={"enable_thinking": True}
         ),
+        refiner: Refiner | None = None,
         engine: RolloutGenerator = lazy_instance(HFGenerator),
         sampling: SamplingConfig = SamplingConfig(),
         val_sampling: SamplingConfig = SamplingConfig(n=1, temperature=0.0),
@@ -158,6 +167,9 @@ class OnPolicyDataModule(pl.LightningDataModule):
                 f"got {teacher_prompt_format.template!r}"
             )
         self.solution_field, self.teacher_prompt_format = solution_field, teacher_prompt_format
+        if refiner is not None:
+            refiner.check_data(solution_field, sampling)
+        self.refiner = refiner
         self.engine, self.sampling, self.val_sampling = engine, sampling, val_sampling
         self.test_sets, self.test_sampling = list(test_sets or []), test_sampling
         names = [s.name for s in self.test_sets]
@@ -179,11 +191,15 @@ class OnPolicyDataModule(pl.LightningDataModule):
         self.dropped_prompts = 0
         self._round: list[Rollout] = []  # this rank's rollouts of round `_round_epoch`
         self._round_epoch: int | None = None
+        self._refined: dict[int, list[Rollout]] | None = None  # a `once` refiner's rollouts, by prompt index
 
     def setup(self, stage: str) -> None:
         own_fields = (self.prompt_field, self.answer_field, self.split, self.answer_after or None)
         if stage == "fit" and self.train_path is None:
             raise ConfigError("fit needs training prompts: set data.train_path to a .jsonl / .parquet file or a hub id")
+        module = getattr(self.trainer, "lightning_module", None)
+        if stage == "fit" and self.refiner is not None and module is not None:
+            self.refiner.check_model(module, self.engine)
         if stage == "fit" and not self.train_rows:
             self.train_rows, self.train_prompt_ids, self.train_teacher_prompt_ids = self._prepare(
                 self.train_path, "data.train_path", self.sampling, "data.sampling", *own_fields,
@@ -341,13 +357,48 @@ class OnPolicyDataModule(pl.LightningDataModule):
             rollout.correct, rollout.final_answer, rollout.verdict = verdict.correct, verdict.final_answer, verdict.detail
 
     def sample_round(self, epoch: int) -> list[Rollout]:
-        """This rank's rollouts of round `epoch`, sampled with the current student."""
+        """This rank's rollouts of round `epoch`, sampled with the current student (and refined, with a refiner)."""
         rank, world = self._rank()
         indices = self.round_prompt_indices(epoch)[rank::world]
+        if self.refiner is None:
+            return self._sample(indices, epoch)
+        if self.refiner.schedule == "every_round":
+            return self._refine(self._sample(indices, epoch), epoch)
+        if self._refined is None:  # `once`: the first round refines the initial student's rollouts of every prompt
+            self._refined = self._refine_data_set()
+        return [r for i in indices for r in self._refined.get(self.train_rows[i].index, [])]
+
+    def _sample(self, indices: list[int], stream: int) -> list[Rollout]:
+        """Rollouts of the training prompts at `indices`; sample `j` of each keyed by (seed, stream, prompt, j)."""
         rows, ids = [self.train_rows[i] for i in indices], [self.train_prompt_ids[i] for i in indices]
         teacher_ids = None if self.train_teacher_prompt_ids is None else [self.train_teacher_prompt_ids[i] for i in indices]
-        seeds = [stream_key(self.seed, epoch, row.index) for row in rows]
+        seeds = [stream_key(self.seed, stream, row.index) for row in rows]
         return self.generate_rollouts(rows, ids, self.sampling, seeds, teacher_ids)
+
+    def _refine(self, attempts: list[Rollout], stream: int) -> list[Rollout]:
+        """The refiner's graded rewrites of `attempts` by the module's teacher; logs `refine/*` (call on every rank)."""
+        module = self.trainer.lightning_module
+        rows = {row.index: row for row in self.train_rows}
+        key = zlib.crc32(_REWRITE_STREAM.encode())
+        seeds = [stream_key(self.seed, key, stream, a.prompt_index, a.sample_index) for a in attempts]
+        with module._teaching() as rewriter:  # one home decides who teaches: the OPD teacher or the base weights
+            refined = self.refiner.refine(attempts, rows, rewriter, self.tokenizer, self.engine, seeds)
+        self._grade(refined, None)
+        counts = self.trainer.strategy.reduce(refinement_counts(attempts, refined).to(module.device), reduce_op="sum")
+        for logger in self.trainer.loggers:
+            logger.log_metrics(refinement_metrics(counts), step=self.trainer.global_step)
+        return refined
+
+    def _refine_data_set(self) -> dict[int, list[Rollout]]:
+        """Every training prompt's rollouts, sampled by the current student and refined; each rank gets all of them."""
+        rank, world = self._rank()
+        stream = zlib.crc32(_INITIAL_STREAM.encode())
+        refined = self._refine(self._sample(list(range(rank, len(self.train_rows), world)), stream), stream)
+        shares = [refined]
+        if dist.is_available() and dist.is_initialized():
+            shares = [None] * dist.get_world_size()
+            dist.all_gather_object(shares, refined)
+        return _by_prompt([r for share in shares for r in share])
 
     def train_dataloader(self) -> DataLoader:
         """This rank's rollouts of round `current_epoch`: sampled now, or restored from a checkpoint."""
@@ -366,7 +417,11 @@ class OnPolicyDataModule(pl.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def state_dict(self) -> dict:
-        """The current round's rollouts (every rank's), so a run resumed mid-epoch trains on the same ones."""
+        """The current round's rollouts (every rank's), so a run resumed mid-epoch trains on the same ones.
+
+        With a `once` refiner also its refined set (the same on every rank), which the resumed run
+        serves instead of refining the trained student's rollouts.
+        """
         if self._round_epoch is None:
             return {}
         local = [asdict(r) for r in self._round]
@@ -374,7 +429,10 @@ class OnPolicyDataModule(pl.LightningDataModule):
         if dist.is_available() and dist.is_initialized():
             rounds = [None] * dist.get_world_size()
             dist.all_gather_object(rounds, local)
-        return {"epoch": self._round_epoch, "rounds": rounds}
+        state = {"epoch": self._round_epoch, "rounds": rounds}
+        if self._refined is not None:
+            state["refined"] = [asdict(r) for rollouts in self._refined.values() for r in rollouts]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -386,6 +444,8 @@ class OnPolicyDataModule(pl.LightningDataModule):
                 "resume with the same number of processes or from an end-of-epoch checkpoint"
             )
         self._round_epoch, self._round = state["epoch"], [Rollout(**r) for r in state["rounds"][rank]]
+        if "refined" in state:
+            self._refined = _by_prompt([Rollout(**r) for r in state["refined"]])
 
     def val_dataloader(self) -> DataLoader:
         """Held-out rollouts, sampled when iterated (so each validation sees the current student)."""
@@ -419,6 +479,14 @@ class OnPolicyDataModule(pl.LightningDataModule):
 
     def _collate(self, rollouts: list[Rollout]) -> RolloutBatch:
         return collate_rollouts(rollouts, self.tokenizer.pad_token_id)
+
+
+def _by_prompt(rollouts: list[Rollout]) -> dict[int, list[Rollout]]:
+    """Rollouts grouped by `prompt_index`, each group in the given order."""
+    groups: dict[int, list[Rollout]] = {}
+    for rollout in rollouts:
+        groups.setdefault(rollout.prompt_index, []).append(rollout)
+    return groups
 
 
 class _RoundLoader(DataLoader):

@@ -68,14 +68,15 @@ class Rollout:
         prompt_ids: the rendered prompt's token ids.
         completion_ids: generated ids, up to and including EOS when the model stopped.
         prompt_index: index of the prompt in its data set.
-        temperature: the sampling temperature it was drawn with.
+        temperature: the temperature its tokens are scored at: the sampling temperature it was
+            drawn with (a rewrite by `renio_pl.refinement.Refiner`: its `score_temperature`).
         sample_index: which of its prompt's `n` samples it is.
         answer: the reference answer, when the data has one.
         correct: the verifier's verdict, when there is an answer.
         text: the decoded completion (special tokens removed).
         final_answer: the answer extracted from `text`, None when there is none.
-        teacher_prompt_ids: the teacher's own prompt (OPSD: with the reference solution), or
-            None when the teacher reads the student's prompt.
+        teacher_prompt_ids: the teacher's own prompt (OPSD: with the reference solution; TRD:
+            the rewrite prompt), or None when the teacher reads the student's prompt.
         verdict: a finer verdict from a batch verifier (code: `pass`, `base:fail`, ...), or None.
     """
 
