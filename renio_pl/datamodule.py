@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import extract_answer, is_correct
@@ -408,7 +408,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
             self._round, self._round_epoch = self.sample_round(epoch), epoch
         order = torch.Generator().manual_seed(stream_key(self.seed, epoch, rank))
         return _RoundLoader(
-            self._batches_done, self._round, batch_size=self.batch_size, shuffle=True, generator=order,
+            self._batches_done, self._round, batch_size=self.batch_size, sampler=_OwnShare(self._round, order),
             collate_fn=self._collate,
         )
 
@@ -487,6 +487,22 @@ def _by_prompt(rollouts: list[Rollout]) -> dict[int, list[Rollout]]:
     for rollout in rollouts:
         groups.setdefault(rollout.prompt_index, []).append(rollout)
     return groups
+
+
+class _OwnShare(DistributedSampler):
+    """This rank's rollouts in a seeded random order (that of `shuffle=True` with `generator`).
+
+    A `DistributedSampler` of one replica in name only: Lightning splits a training loader's data
+    between the processes unless its sampler is distributed, and `sample_round` already took
+    this rank's share of the round; split again, each rank would train on half of its rollouts.
+    """
+
+    def __init__(self, rollouts: list[Rollout], generator: torch.Generator) -> None:
+        super().__init__(rollouts, num_replicas=1, rank=0, shuffle=False)
+        self.generator = generator
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(len(self.dataset), generator=self.generator).tolist())
 
 
 class _RoundLoader(DataLoader):

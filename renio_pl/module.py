@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torch.nn import ModuleDict
 
@@ -28,6 +29,7 @@ from renio_pl.evaluators.accuracy import accuracy_metrics, completion_record, co
 from renio_pl.losses import ForwardKL, Loss, weighted_loss
 from renio_pl.logprobs import TokenScores, completion_hidden_states, score_tokens
 from renio_pl.models import DType, LoRA, check_same_vocabulary, load_model, load_tokenizer
+from renio_pl.parallel import shard_student
 from renio_pl.rollouts import Rollout, RolloutBatch
 from renio_pl.weighters import UniformWeighter, Weighter, WeighterInputs
 
@@ -101,6 +103,11 @@ class DistillationModule(pl.LightningModule):
     def teacher(self) -> torch.nn.Module:
         """The frozen teacher (eval mode, no gradients, not in the state dict)."""
         return self._frozen[0]
+
+    def configure_model(self) -> None:
+        """Shards the student with FSDP2 under `ModelParallelStrategy` (`renio_pl.parallel`); other strategies wrap it."""
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            shard_student(self.student, self.device_mesh)
 
     def on_fit_start(self) -> None:
         self_distillation = getattr(getattr(self.trainer, "datamodule", None), "solution_field", None) is not None

@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import r
 
 import json  # noqa: E402
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,53 @@ def tiny_qwen3(seed: int, vocab_size: int, hidden_size: int = 64, layers: int = 
         max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False,
     )
     return Qwen3ForCausalLM(config).eval()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_fit(models: dict[str, Path], prompt_file: Path, folder: Path, callbacks: list[dict], *extra: str,
+              trainer: dict | None = None, model: dict | None = None, data: dict | None = None
+              ) -> subprocess.CompletedProcess:
+    """`renio-pl fit` in a subprocess on the tiny models: 3 rounds of 4 prompts x 2 samples, batches of 2.
+
+    ReNIO (threshold 0, ema) and AdamW lr 0.01 with a StepLR; `trainer`, `model` and `data`
+    entries override the config's, `callbacks` follow a checkpoint every step (`folder/checkpoints`).
+    """
+    config = {
+        "seed_everything": 3,
+        "trainer": {
+            "accelerator": "cpu", "max_epochs": 3, "reload_dataloaders_every_n_epochs": 1, "num_sanity_val_steps": 0,
+            "enable_progress_bar": False, "enable_model_summary": False, "logger": False, "log_every_n_steps": 1,
+            "default_root_dir": str(folder), "plugins": [{"class_path": "renio_pl.checkpointing.AtomicCheckpointIO"}],
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(folder / "checkpoints"), "every_n_train_steps": 1, "save_last": True}},
+                *callbacks,
+            ],
+            **(trainer or {}),
+        },
+        "model": {
+            "student": str(models["student"]), "teacher": str(models["teacher"]),
+            "weighter": {"class_path": "renio_pl.weighters.ReNIOWeighter",
+                         "init_args": {"threshold": 0.0, "normalization": "ema"}},
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+            "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 3, "gamma": 0.5}},
+            **(model or {}),
+        },
+        "data": {
+            "train_path": str(prompt_file), "prompts_per_epoch": 4, "batch_size": 2,
+            "sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 5},
+            **(data or {}),
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.yaml").write_text(json.dumps(config))
+    return subprocess.run(
+        [sys.executable, "-m", "renio_pl.cli", "fit", "--config", str(folder / "run.yaml"), *extra],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600,
+    )
 
 
 def save_model(folder: Path, seed: int, **kwargs) -> Path:

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, small_fit
 
 
 class KillAtStep(pl.Callback):
@@ -46,37 +46,8 @@ class RecordBatches(pl.Callback):
 
 
 def fit(model_dirs, prompt_file, folder: Path, *extra: str) -> subprocess.CompletedProcess:
-    config = {
-        "seed_everything": 3,
-        "trainer": {
-            "accelerator": "cpu", "max_epochs": 3, "reload_dataloaders_every_n_epochs": 1, "num_sanity_val_steps": 0,
-            "enable_progress_bar": False, "default_root_dir": str(folder), "logger": False, "log_every_n_steps": 1,
-            "plugins": [{"class_path": "renio_pl.checkpointing.AtomicCheckpointIO"}],
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(folder / "checkpoints"), "every_n_train_steps": 1, "save_last": True}},
-                {"class_path": "tests.test_resume.RecordBatches", "init_args": {"path": str(folder / "batches.jsonl")}},
-            ],
-        },
-        "model": {
-            "student": str(model_dirs["student"]), "teacher": str(model_dirs["teacher"]),
-            "weighter": {"class_path": "renio_pl.weighters.ReNIOWeighter",
-                         "init_args": {"threshold": 0.0, "normalization": "ema"}},
-            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
-            "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 3, "gamma": 0.5}},
-        },
-        "data": {
-            "train_path": str(prompt_file), "prompts_per_epoch": 4, "batch_size": 2,
-            "sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 5},
-        },
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "run.yaml").write_text(json.dumps(config))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "renio_pl.cli", "fit", "--config", str(folder / "run.yaml"), *extra],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    record = {"class_path": "tests.test_resume.RecordBatches", "init_args": {"path": str(folder / "batches.jsonl")}}
+    return small_fit(model_dirs, prompt_file, folder, [record], *extra)
 
 
 def records(folder: Path) -> dict[int, dict]:

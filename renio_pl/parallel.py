@@ -1,0 +1,56 @@
+"""FSDP2 for the student, applied by `DistillationModule.configure_model` under `ModelParallelStrategy`.
+
+The student is split into FSDP groups over the data-parallel mesh: one per decoder layer;
+one for the rest of its weights (embeddings, final norm and output head together, so a head
+tied to the embedding stays one parameter); and the student itself, the root, which owns no
+weights of its own. Scoring (`renio_pl.logprobs`) runs the decoder once and the output head
+on `chunk_tokens` positions at a time, never the student's `forward`; FSDP2 allows a group
+whose modules run apart like this. Its root, though, is fixed by the first forward: one
+forward of the whole student on a single token makes it the student, so either scoring or
+generation may come first (a run resumed mid-round scores before it generates).
+
+The teacher is not sharded. It is not a child of the module, so each process holds a full
+frozen copy, outside the optimizer and the checkpoint, as under DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from renio_pl.errors import ConfigError
+
+__all__ = ["shard_student"]
+
+
+def shard_student(student: torch.nn.Module, device_mesh: DeviceMesh) -> None:
+    """Apply FSDP2 in place to a causal LM (plain or peft); a student already sharded is left as it is.
+
+    Args:
+        student: a `transformers` causal LM whose decoder keeps its blocks in `layers`.
+        device_mesh: `ModelParallelStrategy`'s mesh; its `tensor_parallel` size must be 1.
+    """
+    if isinstance(student, FSDPModule):  # configure_model runs again for each stage of a process
+        return
+    tensor_parallel = device_mesh["tensor_parallel"].size()
+    if tensor_parallel != 1:
+        raise ConfigError(
+            f"trainer.strategy.init_args.tensor_parallel_size must be 1 (renio-pl shards the student with FSDP2 "
+            f"only); got {tensor_parallel}: set data_parallel_size to the number of processes"
+        )
+    decoder = student.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(
+            f"FSDP needs the student's decoder blocks in `layers` (a ModuleList); {type(decoder).__name__} has "
+            "none: use trainer.strategy=ddp"
+        )
+    mesh = device_mesh["data_parallel"]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard([decoder, student.get_output_embeddings()], mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    device = next(student.parameters()).device
+    with torch.no_grad():
+        student(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))

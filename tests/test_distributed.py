@@ -1,0 +1,318 @@
+"""Several processes on CPU (gloo): a round split over ranks, ReNIO's global scope, DDP and FSDP2 fits.
+
+The fits are real `renio-pl fit` runs with 2 processes and the shipped strategy overlays
+(`configs/strategies/`): they train, keep the teacher frozen, stay equal on both ranks, and
+resume from a checkpoint to the uninterrupted run's steps and weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies import Strategy
+from torch.distributed.tensor import DTensor
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+from renio_pl.cli import main
+from renio_pl.datamodule import OnPolicyDataModule
+from renio_pl.rollouts import SamplingConfig
+from renio_pl.weighters import ReNIOWeighter, WeighterInputs
+from tests.conftest import REPO, small_fit, tiny_qwen3, tiny_tokenizer
+
+STRATEGIES = REPO / "configs" / "strategies"
+PAPER = REPO / "configs" / "paper"
+
+
+# --- each rank samples its share of a round ------------------------------------------------
+class _Trainer:  # what the data module reads of a trainer when it samples a round
+    def __init__(self, student: torch.nn.Module, rank: int, world: int) -> None:
+        self.lightning_module = type("Module", (), {"student": student})()
+        self.global_rank, self.world_size, self.current_epoch = rank, world, 0
+
+
+def round_rollouts(model_dirs, prompt_file, epoch: int, rank: int, world: int) -> dict[tuple[int, int], list[int]]:
+    """Rank `rank` of `world`'s rollouts of round `epoch`: (prompt, sample) -> completion ids."""
+    data = OnPolicyDataModule(str(prompt_file), tokenizer=str(model_dirs["student"]), prompts_per_epoch=5,
+                              sampling=SamplingConfig(n=2, max_new_tokens=4))
+    data.trainer = _Trainer(AutoModelForCausalLM.from_pretrained(model_dirs["student"]), rank, world)
+    data.setup("fit")
+    return {(r.prompt_index, r.sample_index): r.completion_ids for r in data.sample_round(epoch)}
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_two_ranks_sample_the_one_process_round_between_them(model_dirs, prompt_file, epoch):
+    one = round_rollouts(model_dirs, prompt_file, epoch, 0, 1)
+    ranks = [round_rollouts(model_dirs, prompt_file, epoch, rank, 2) for rank in (0, 1)]
+    prompts = [{prompt for prompt, _ in rollouts} for rollouts in ranks]
+    assert len(prompts[0]) == 3 and len(prompts[1]) == 2  # 5 prompts: 3 on rank 0, 2 on rank 1
+    assert not prompts[0] & prompts[1]
+    assert {**ranks[0], **ranks[1]} == one  # the same prompts, and the same tokens (keyed sampling)
+
+
+# --- ReNIO `scope: global` over two processes ----------------------------------------------
+def union_batches() -> list[WeighterInputs]:
+    """Two successive union batches of 10 rollouts (rows 0-4 go to rank 0, 5-9 to rank 1).
+
+    Log-ratios are spread so that some tokens are pivotal (>= 0.3) and some clipped (> 2.5);
+    row 7 has no generated token (weight 0, left out of the mean).
+    """
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        student = -torch.rand(10, 6, generator=generator) * 2
+        teacher = student - torch.randn(10, 6, generator=generator) * 1.5
+        mask = torch.rand(10, 6, generator=generator) < 0.8
+        mask[7] = False
+        batches.append(WeighterInputs(student, teacher, mask))
+    return batches
+
+
+def rows(inputs: WeighterInputs, part: slice) -> WeighterInputs:
+    return WeighterInputs(inputs.student_logprobs[part], inputs.teacher_logprobs[part], inputs.mask[part])
+
+
+NORMALIZATIONS = ("batch_mean", "clamp", "ema")
+
+
+def _global_scope_worker(rank: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    part = slice(5 * rank, 5 * rank + 5)
+    weights = {}
+    for normalization in NORMALIZATIONS:
+        weighter = ReNIOWeighter(threshold=0.3, normalization=normalization, scope="global").train()
+        weights[normalization] = [weighter(rows(batch, part)) for batch in union_batches()]
+    torch.save(weights, f"{out}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_renio_global_scope_on_two_processes_equals_one_process_on_the_union(tmp_path):
+    mp.spawn(_global_scope_worker, args=(str(tmp_path / "init"), str(tmp_path / "weights")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"weights.rank{rank}.pt") for rank in (0, 1)]
+    for normalization in NORMALIZATIONS:
+        weighter = ReNIOWeighter(threshold=0.3, normalization=normalization).train()  # one process, whole batch
+        for i, batch in enumerate(union_batches()):
+            expected = weighter(batch)  # (10,)
+            got = torch.cat([ranks[0][normalization][i], ranks[1][normalization][i]])
+            assert_close(got, expected, rtol=1e-6, atol=0), (normalization, i)
+            local = ReNIOWeighter(threshold=0.3, normalization=normalization)(rows(batch, slice(0, 5)))
+            assert not torch.allclose(local, expected[:5]), "micro_batch scope must differ here, or this test shows nothing"
+        if normalization == "batch_mean":  # the union's weights average 1 over its 9 rows with tokens
+            assert_close(expected[batch.has_tokens].mean(), torch.tensor(1.0))
+            assert expected[7] == 0
+
+
+def test_micro_batch_is_the_default_scope():
+    assert ReNIOWeighter().scope == "micro_batch"
+
+
+# --- the shipped strategy overlays ---------------------------------------------------------
+@pytest.mark.parametrize("overlay", sorted(STRATEGIES.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("paper", ["opd_qwen3_1.7b.yaml", "opsd_r1_distill_qwen_7b.yaml"])
+def test_strategy_overlays_parse_on_the_paper_configs(overlay, paper, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(PAPER / paper), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    strategy = yaml.safe_load(overlay.read_text())["trainer"]["strategy"]
+    assert printed["trainer"]["devices"] == 4
+    parsed = ArgumentParser(exit_on_error=False)
+    parsed.add_argument("--strategy", type=str | Strategy)
+    value = parsed.parse_object({"strategy": strategy}).strategy
+    if isinstance(strategy, str):
+        assert printed["trainer"]["strategy"] == strategy == "ddp"
+    elif "DeepSpeed" in strategy["class_path"]:
+        config = value.init_args.config  # a dict, handed to DeepSpeed as its config
+        assert isinstance(config, dict) and config["zero_optimization"]["stage"] == int(overlay.stem[-1])
+        assert config["train_micro_batch_size_per_gpu"] == 8  # Lightning would build a rollout round to read it
+    else:
+        assert value.init_args.data_parallel_size == 4 and value.init_args.tensor_parallel_size == 1
+
+
+# --- 2-process fits through `renio-pl fit` -------------------------------------------------
+def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with FSDP's sharded tensors gathered (a collective under FSDP)."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in module.state_dict().items()}
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    return hashlib.sha256(b"".join(state[k].detach().contiguous().numpy().tobytes() for k in sorted(state))).hexdigest()
+
+
+class RankRecords(pl.Callback):
+    """Per rank: each round's prompts, each step's loss, tokens and weights digest, and the final models."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def _write(self, trainer, record: dict) -> None:
+        with (self.folder / f"records.rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step == 0:  # the initial weights (a resumed run starts from a recorded step)
+            self._write(trainer, {"step": 0, "student": digest(full_state(pl_module.student))})
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        prompts = sorted({r.prompt_index for r in trainer.datamodule._round})
+        self._write(trainer, {"epoch": trainer.current_epoch, "prompts": prompts})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._write(trainer, {
+            "step": trainer.global_step, "loss": float(outputs["loss"]),
+            "tokens": batch.completion_ids.masked_fill(~batch.completion_mask, -1).tolist(),
+            "student": digest(full_state(pl_module.student)),
+        })
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        teacher = pl_module.teacher
+        torch.save({
+            "student": full_state(pl_module.student), "teacher": teacher.state_dict(),
+            "teacher_in_optimizer": any(id(p) in optimized for p in teacher.parameters()),
+            "teacher_trainable": any(p.requires_grad for p in teacher.parameters()), "teacher_training": teacher.training,
+        }, self.folder / f"final.rank{trainer.global_rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def tied_models(tmp_path_factory, model_dirs) -> dict[str, Path]:
+    """A student whose output head is tied to its embedding (Qwen3-1.7B's layout), and the untied teacher."""
+    folder = tmp_path_factory.mktemp("tied") / "student"
+    config = tiny_qwen3(0, len(tiny_tokenizer())).config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return {"student": folder, "teacher": model_dirs["teacher"]}
+
+
+def fit(models, prompt_file, folder: Path, strategy: str, *extra: str) -> None:
+    """`renio-pl fit` on 2 CPU processes: 3 rounds of 4 prompts x 2 samples, 2 steps per round on each rank."""
+    overlay = ["--config", str(STRATEGIES / "ddp.yaml")] if strategy == "ddp" else [
+        "--config", str(STRATEGIES / "fsdp.yaml"), "--trainer.strategy.init_args.data_parallel_size", "2"]
+    done = small_fit(
+        models, prompt_file, folder,
+        [{"class_path": "tests.test_distributed.RankRecords", "init_args": {"folder": str(folder)}}], *overlay, *extra,
+        trainer={"devices": 2},
+        model={"chunk_tokens": 3, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR",
+                                                     "init_args": {"step_size": 2, "gamma": 0.5}},
+               "weighter": {"class_path": "renio_pl.weighters.ReNIOWeighter",
+                            "init_args": {"threshold": 0.0, "normalization": "ema", "scope": "global"}}},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def records(folder: Path, rank: int) -> tuple[dict[int, dict], dict[int, list[int]]]:
+    """Rank `rank`'s steps (a resumed run's later records win) and rounds' prompts, by step and epoch."""
+    lines = [json.loads(line) for line in (folder / f"records.rank{rank}.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if "step" in r}, {r["epoch"]: r["prompts"] for r in lines if "epoch" in r}
+
+
+def stopped_and_resumed(models, prompt_file, folder: Path, strategy: str) -> None:
+    fit(models, prompt_file, folder, strategy, "--trainer.max_steps", "3")  # stops mid-round 1
+    assert max(records(folder, 0)[0]) == 3
+    fit(models, prompt_file, folder, strategy, "--trainer.max_steps", "-1", "--ckpt_path", "last")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tied_models, prompt_file) -> Path:
+    folder = tmp_path_factory.mktemp("ddp") / "whole"
+    fit(tied_models, prompt_file, folder, "ddp")
+    return folder
+
+
+@pytest.mark.slow
+def test_ddp_fit_trains_the_student_on_both_ranks_alike_and_keeps_the_teacher(ddp_run, tied_models, prompt_file):
+    steps = [records(ddp_run, rank)[0] for rank in (0, 1)]
+    assert sorted(steps[0]) == sorted(steps[1]) == list(range(7))  # 3 rounds x 2 steps, after step 0
+    for step in range(1, 7):
+        assert torch.isfinite(torch.tensor(steps[0][step]["loss"])) and torch.isfinite(torch.tensor(steps[1][step]["loss"]))
+        assert steps[0][step]["student"] == steps[1][step]["student"], f"ranks differ after step {step}"
+        assert steps[0][step]["student"] != steps[0][step - 1]["student"], f"step {step} changed nothing"
+    data = OnPolicyDataModule(str(prompt_file), tokenizer=str(tied_models["student"]), prompts_per_epoch=4)
+    data.setup("fit")
+    rounds = [records(ddp_run, rank)[1] for rank in (0, 1)]
+    for epoch in range(3):  # each rank samples its share; together the one-process round
+        whole = data.round_prompt_indices(epoch)
+        assert rounds[0][epoch] == sorted(whole[0::2]) and rounds[1][epoch] == sorted(whole[1::2])
+    teacher = AutoModelForCausalLM.from_pretrained(tied_models["teacher"]).state_dict()
+    finals = [torch.load(ddp_run / f"final.rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for final in finals:
+        assert not (final["teacher_in_optimizer"] or final["teacher_trainable"] or final["teacher_training"])
+        assert final["teacher"].keys() == teacher.keys()
+        assert all(torch.equal(final["teacher"][k], teacher[k]) for k in teacher), "the teacher changed"
+    assert digest(finals[0]["student"]) == digest(finals[1]["student"]) == steps[0][6]["student"]
+    assert torch.equal(finals[0]["student"]["lm_head.weight"], finals[0]["student"]["model.embed_tokens.weight"])  # still tied
+
+
+def assert_resumed_like(folder: Path, whole: Path, exact: bool) -> None:
+    """Steps 4-6 of the resumed run match the uninterrupted run on each rank: tokens, loss, weights."""
+    for rank in (0, 1):
+        got, expected = records(folder, rank)[0], records(whole, rank)[0]
+        assert sorted(got) == list(range(7))
+        for step in range(1, 7):
+            assert got[step]["tokens"] == expected[step]["tokens"], (rank, step)
+            assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=0 if exact else 1e-5), (rank, step)
+            if exact:
+                assert got[step]["student"] == expected[step]["student"], (rank, step)
+    finals = [torch.load(p / "final.rank0.pt", weights_only=True)["student"] for p in (folder, whole)]
+    for name, tensor in finals[1].items():
+        if exact:
+            assert torch.equal(finals[0][name], tensor), name
+        else:
+            assert_close(finals[0][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_fit_stopped_mid_round_resumes_to_the_same_weights(ddp_run, tied_models, prompt_file, tmp_path):
+    stopped_and_resumed(tied_models, prompt_file, tmp_path / "ddp", "ddp")
+    assert_resumed_like(tmp_path / "ddp", ddp_run, exact=True)
+
+
+@pytest.mark.slow
+def test_fsdp_fit_matches_ddp_and_resumes_from_sharded_checkpoints(ddp_run, tied_models, prompt_file, tmp_path):
+    folder = tmp_path / "fsdp"
+    stopped_and_resumed(tied_models, prompt_file, folder, "fsdp")
+    assert (folder / "checkpoints" / "last.ckpt").is_dir()  # one shard per process
+    for rank in (0, 1):
+        steps = records(folder, rank)[0]
+        assert all(steps[s]["student"] == records(folder, 1 - rank)[0][s]["student"] for s in steps)
+        final = torch.load(folder / f"final.rank{rank}.pt", weights_only=True)
+        assert not (final["teacher_in_optimizer"] or final["teacher_trainable"])
+    assert_resumed_like(folder, ddp_run, exact=False)  # FSDP2 from step 0 to the end, resumed at step 3
+
+
+@pytest.mark.slow
+def test_trd_once_on_two_processes_trains_on_the_one_process_refined_set(model_dirs, prompt_file, tmp_path):
+    """The `once` refiner splits the data set's rollouts and rewrites over the ranks and gathers the
+    refined set on each; every round, the ranks together train on the rewrites one process trains on."""
+    settings = dict(
+        model={"weighter": {"class_path": "renio_pl.weighters.UniformWeighter"}},
+        data={"refiner": {"class_path": "renio_pl.refinement.Refiner",
+                          "init_args": {"schedule": "once", "sampling": {"n": 1, "temperature": 0.6, "max_new_tokens": 5}}}},
+    )
+    trained = {}
+    for devices in (1, 2):
+        folder = tmp_path / f"devices{devices}"
+        records_callback = {"class_path": "tests.test_distributed.RankRecords", "init_args": {"folder": str(folder)}}
+        done = small_fit(model_dirs, prompt_file, folder, [records_callback], trainer={"devices": devices}, **settings)
+        assert done.returncode == 0, done.stderr[-3000:]
+        steps_per_round = 4 // devices  # 8 rollouts a round, batches of 2, split over the ranks
+        rounds = {epoch: [] for epoch in range(3)}
+        for rank in range(devices):
+            steps = records(folder, rank)[0]
+            assert sorted(steps) == list(range(3 * steps_per_round + 1))
+            for step in range(1, 3 * steps_per_round + 1):
+                rounds[(step - 1) // steps_per_round] += [tuple(t for t in row if t >= 0) for row in steps[step]["tokens"]]
+        trained[devices] = {epoch: sorted(rows) for epoch, rows in rounds.items()}
+    assert all(len(rows) == 8 for rows in trained[1].values())
+    assert trained[2] == trained[1]
