@@ -35,7 +35,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from renio_pl.demo.task import make_tokenizer
-from renio_pl.logprobs import completion_hidden_states, score_tokens
+from renio_pl.logprobs import completion_hidden_states, score_tokens, token_logprobs
 from renio_pl.losses import ForwardKL, weighted_loss
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, SamplingConfig, collate_rollouts
 from renio_pl.weighters import ReNIOWeighter, WeighterInputs
@@ -149,15 +149,10 @@ def teacher_hidden(teacher, batch: RolloutBatch) -> torch.Tensor:
 
 
 def teacher_scoring(teacher, batch: RolloutBatch, chunk: int) -> torch.Tensor:
-    """(N,) teacher log-prob of each completion token: forward, then the head `chunk` positions at a time."""
+    """(B, T) teacher log-prob of each completion token: forward, then the head `chunk` positions at a time."""
     with torch.no_grad():
-        hidden = teacher_hidden(teacher, batch)[batch.completion_mask]  # (N, H_T)
-        targets = batch.completion_ids[batch.completion_mask]  # (N,)
-        pieces = []
-        for start in range(0, targets.numel(), chunk):
-            logprobs = torch.log_softmax(teacher.lm_head(hidden[start : start + chunk]).float(), dim=-1)  # (C, V)
-            pieces.append(logprobs.gather(-1, targets[start : start + chunk, None]).squeeze(-1))
-        return torch.cat(pieces)
+        return token_logprobs(teacher_hidden(teacher, batch), teacher.lm_head, batch.completion_ids,
+                              batch.completion_mask, chunk)
 
 
 def student_update(student, teacher, batch: RolloutBatch, hidden_t: torch.Tensor, optimizer, chunk: int, weights=None):

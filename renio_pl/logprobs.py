@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from renio_pl.losses import Loss
 
-__all__ = ["TokenScores", "completion_hidden_states", "score_tokens", "position_ids"]
+__all__ = ["TokenScores", "completion_hidden_states", "score_tokens", "token_logprobs", "position_ids"]
 
 
 @dataclass
@@ -136,3 +136,37 @@ def score_tokens(
     if not pieces:  # nothing generated: keep the loss attached to the graph so backward still works
         token_loss = token_loss + 0.0 * student_hidden.sum()
     return TokenScores(student_sampled.detach(), teacher_sampled.detach(), entropy.detach(), token_loss)
+
+
+def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> Tensor:
+    """(C, H), (C,) -> (C,) float32 `log_softmax(head(hidden))` at each target token."""
+    logprobs = torch.log_softmax(head(hidden).float(), dim=-1)  # (C, V)
+    return logprobs.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def token_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, mask: Tensor, chunk_tokens: int) -> Tensor:
+    """Log-prob (temperature 1) of each completion token under one model, `chunk_tokens` positions at a time.
+
+    Each chunk's logits are made inside activation checkpointing, so neither the forward nor
+    the backward holds more than `(chunk_tokens, V)` float logits.
+
+    Args:
+        hidden: (B, T, H) from `completion_hidden_states`, with grad when training.
+        head: the output embedding (`get_output_embeddings()`).
+        targets: (B, T) int64 completion token ids.
+        mask: (B, T) bool, True on completion tokens.
+        chunk_tokens: positions turned into logits at once.
+    Returns:
+        (B, T) float32, 0 off the mask, carrying the gradient.
+    """
+    mask = mask.bool()
+    flat_hidden, flat_targets = hidden[mask], targets[mask]  # (N, H), (N,)
+    use_checkpoint = torch.is_grad_enabled() and flat_hidden.requires_grad
+    pieces = []
+    for start in range(0, flat_targets.numel(), chunk_tokens):
+        args = (flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens], head)
+        chunk = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if use_checkpoint else _chunk_logprobs(*args)
+        pieces.append(chunk)  # (C,)
+    flat = torch.cat(pieces) if pieces else flat_hidden.new_zeros(0, dtype=torch.float32)
+    full = flat.new_zeros(mask.shape).masked_scatter(mask, flat)
+    return full if pieces else full + 0.0 * hidden.sum()  # nothing to score: keep the graph for backward

@@ -1,7 +1,7 @@
 """OfflineDistillationModule: the student learns from fixed teacher traces (REDI's SFT and REDI stages).
 
 `training_step` reads as the offline data flow: score every completion token of the batch's
-traces under the student (`token_logprobs`, chunked over tokens so that `(R, T, V)` logits
+traces under the student (`renio_pl.logprobs.token_logprobs`, chunked over tokens so that `(R, T, V)` logits
 never exist at once), then reduce them with the `TraceLoss` the config picks
 (`renio_pl.losses.SFTLoss` for stage 1, `REDILoss` for stage 2). There is no teacher model
 and no weighter: the teacher's knowledge is in the traces, its quality in their labels.
@@ -21,51 +21,16 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from renio_pl.errors import ConfigError
-from renio_pl.logprobs import completion_hidden_states
+from renio_pl.logprobs import completion_hidden_states, token_logprobs
 from renio_pl.losses import SFTLoss, TraceLoss, length_normalized_logprobs
 from renio_pl.models import DType, LoRA
 from renio_pl.module import DistillationModule
 from renio_pl.offline.datamodule import TraceBatch, TraceDataModule
 from renio_pl.rollouts import RolloutBatch
 
-__all__ = ["OfflineDistillationModule", "token_logprobs"]
-
-
-def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> Tensor:
-    """(C, H), (C,) -> (C,) float32 `log_softmax(head(hidden))` at each target token."""
-    logprobs = torch.log_softmax(head(hidden).float(), dim=-1)  # (C, V)
-    return logprobs.gather(-1, targets[:, None]).squeeze(-1)
-
-
-def token_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, mask: Tensor, chunk_tokens: int) -> Tensor:
-    """Log-prob (temperature 1) of each completion token, `chunk_tokens` positions at a time.
-
-    Each chunk's logits are made inside activation checkpointing, so neither the forward nor
-    the backward holds more than `(chunk_tokens, V)` float logits.
-
-    Args:
-        hidden: (R, T, H) from `completion_hidden_states`, with grad when training.
-        head: the output embedding (`get_output_embeddings()`).
-        targets: (R, T) int64 completion token ids.
-        mask: (R, T) bool, True on completion tokens.
-        chunk_tokens: positions turned into logits at once.
-    Returns:
-        (R, T) float32, 0 off the mask, carrying the gradient.
-    """
-    mask = mask.bool()
-    flat_hidden, flat_targets = hidden[mask], targets[mask]  # (N, H), (N,)
-    use_checkpoint = torch.is_grad_enabled() and flat_hidden.requires_grad
-    pieces = []
-    for start in range(0, flat_targets.numel(), chunk_tokens):
-        args = (flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens], head)
-        chunk = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if use_checkpoint else _chunk_logprobs(*args)
-        pieces.append(chunk)  # (C,)
-    flat = torch.cat(pieces) if pieces else flat_hidden.new_zeros(0, dtype=torch.float32)
-    full = flat.new_zeros(mask.shape).masked_scatter(mask, flat)
-    return full if pieces else full + 0.0 * hidden.sum()  # nothing to score: keep the graph for backward
+__all__ = ["OfflineDistillationModule"]
 
 
 class OfflineDistillationModule(DistillationModule):
