@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from renio_pl.errors import ConfigError
 
 __all__ = [
-    "PromptRow", "PromptFormat", "load_rows", "render_prompt", "OPSD_STUDENT_TEMPLATE", "OPSD_TEACHER_TEMPLATE",
+    "PromptRow", "PromptFormat", "load_rows", "load_table", "require_columns", "check_sha256", "render_prompt",
+    "OPSD_STUDENT_TEMPLATE", "OPSD_TEACHER_TEMPLATE",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,36 +83,9 @@ def load_rows(
         raise ConfigError(
             f"{option}: answer_after {answer_after!r} needs a non-empty marker and an answer column (data.answer_field)"
         )
-    path = Path(source).expanduser()
-    if path.is_file():
-        suffix = Path(path.stem).suffix + ".gz" if path.suffix == ".gz" else path.suffix
-        fmt = _FILE_FORMATS.get(suffix)
-        if fmt is None:
-            raise ConfigError(f"{option}: unsupported file type {suffix!r} ({source}); use .jsonl(.gz) or .parquet")
-        check_sha256(path, source, option)
-        if path.stat().st_size == 0:
-            raise ConfigError(f"{option}: {source} is empty (0 bytes); give a file with at least one problem")
-        try:
-            data = _JsonLines(path) if fmt == "jsonl" else datasets.load_dataset(fmt, data_files=str(path), split="train")
-        except Exception as error:  # datasets and json raise many types for unreadable files
-            raise ConfigError(f"{option}: cannot read {source} as {suffix}: {_first_line(error)}") from error
-    elif _looks_like_path(source):
-        raise ConfigError(f"{option}: file {source} does not exist; check the path")
-    else:
-        try:
-            data = datasets.load_dataset(source, split=split)
-        except Exception as error:  # offline hub, unknown id, missing split
-            raise ConfigError(
-                f"{option}: cannot load hub data set {source!r} (split {split!r}): {_first_line(error)}; "
-                "download it first or point to a local .jsonl / .parquet file"
-            ) from error
-    if len(data) == 0:
-        raise ConfigError(f"{option}: {source} has no records; give a file with at least one problem")
-    for name, key in ((prompt_field, "prompt_field"), (answer_field, "answer_field"), (solution_field, "solution_field")):
-        if name is not None and name not in data.column_names:
-            raise ConfigError(
-                f"{option}: {source} has no column {name!r} (data.{key}); its columns are {', '.join(data.column_names)}"
-            )
+    data = load_table(source, split, option)
+    require_columns(data, source, option, {"prompt_field": prompt_field, "answer_field": answer_field,
+                                           "solution_field": solution_field})
     problems = data[prompt_field]
     answers = data[answer_field] if answer_field is not None else [None] * len(data)
     answers = [None if a is None else str(a) for a in answers]
@@ -134,6 +108,54 @@ def load_rows(
                 "(data.solution_field); OPSD's teacher needs one for every problem"
             )
     return [PromptRow(i, str(p), a, sol) for i, (p, a, sol) in enumerate(zip(problems, answers, solutions))]
+
+
+def load_table(source: str, split: str = "train", option: str = "data.train_path") -> datasets.Dataset | _JsonLines:
+    """The records of a local file or a hub data set, as columns (`column_names`, `len`, `table[column]`).
+
+    Args:
+        source: a local `.jsonl`, `.json` (either may be gzipped) or `.parquet` file, or a hub data set id.
+            A local file listed in the nearest `SHA256SUMS` above it must match its sha256 there.
+        split: the split of a hub data set.
+        option: the config key `source` came from, named in errors.
+    Raises:
+        ConfigError: a missing, empty, unreadable or mismatching file, an unknown or offline hub id, or no records.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        suffix = Path(path.stem).suffix + ".gz" if path.suffix == ".gz" else path.suffix
+        fmt = _FILE_FORMATS.get(suffix)
+        if fmt is None:
+            raise ConfigError(f"{option}: unsupported file type {suffix!r} ({source}); use .jsonl(.gz) or .parquet")
+        check_sha256(path, source, option)
+        if path.stat().st_size == 0:
+            raise ConfigError(f"{option}: {source} is empty (0 bytes); give a file with at least one record")
+        try:
+            data = _JsonLines(path) if fmt == "jsonl" else datasets.load_dataset(fmt, data_files=str(path), split="train")
+        except Exception as error:  # datasets and json raise many types for unreadable files
+            raise ConfigError(f"{option}: cannot read {source} as {suffix}: {_first_line(error)}") from error
+    elif _looks_like_path(source):
+        raise ConfigError(f"{option}: file {source} does not exist; check the path")
+    else:
+        try:
+            data = datasets.load_dataset(source, split=split)
+        except Exception as error:  # offline hub, unknown id, missing split
+            raise ConfigError(
+                f"{option}: cannot load hub data set {source!r} (split {split!r}): {_first_line(error)}; "
+                "download it first or point to a local .jsonl / .parquet file"
+            ) from error
+    if len(data) == 0:
+        raise ConfigError(f"{option}: {source} has no records; give a file with at least one record")
+    return data
+
+
+def require_columns(table: datasets.Dataset | _JsonLines, source: str, option: str, fields: dict[str, str | None]) -> None:
+    """Raise unless `table` has each named column (`fields`: data option -> column name, None for none)."""
+    for key, name in fields.items():
+        if name is not None and name not in table.column_names:
+            raise ConfigError(
+                f"{option}: {source} has no column {name!r} (data.{key}); its columns are {', '.join(table.column_names)}"
+            )
 
 
 class _JsonLines:

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-import datasets
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info
@@ -33,7 +31,7 @@ from torch.utils.data import DataLoader
 from renio_pl.datamodule import EvalSet, OnPolicyDataModule, _RoundLoader
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import extract_answer, is_correct
-from renio_pl.prompts import PromptFormat, check_sha256, render_prompt
+from renio_pl.prompts import PromptFormat, load_table, render_prompt, require_columns
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key
 
@@ -206,16 +204,11 @@ class TraceDataModule(OnPolicyDataModule):
     def load_traces(self) -> list[Trace]:
         """Read, render and tokenise the records of `train_path`, applying the length policy."""
         option = "data.train_path"
-        table = read_table(self.train_path, self.split, option)
+        table = load_table(self.train_path, self.split, option)
         fields = {"prompt_field": self.prompt_field, "positive_field": self.positive_field}
         if self.stage == "redi":
             fields["negative_field"] = self.negative_field
-        for key, name in fields.items():
-            if name not in table.column_names:
-                raise ConfigError(
-                    f"{option}: {self.train_path} has no column {name!r} (data.{key}); "
-                    f"its columns are {', '.join(table.column_names)}"
-                )
+        require_columns(table, self.train_path, option, fields)
         columns = {key: table[name] for key, name in fields.items()}
         for key in ("positive_field", "negative_field"):
             missing = next((i for i, text in enumerate(columns.get(key, [])) if text is None), None)
@@ -291,28 +284,3 @@ class TraceDataModule(OnPolicyDataModule):
 
     def _collate_traces(self, traces: list[Trace]) -> TraceBatch:
         return collate_traces(traces, self.tokenizer.pad_token_id)
-
-
-def read_table(source: str, split: str, option: str) -> datasets.Dataset:
-    """A jsonl / parquet file (checked against a `SHA256SUMS` above it, as `load_rows` does) or a hub data set."""
-    path = Path(source).expanduser()
-    formats = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-    if path.is_file():
-        if path.suffix not in formats:
-            raise ConfigError(f"{option}: unsupported file type {path.suffix!r} ({source}); use .jsonl or .parquet")
-        check_sha256(path, source, option)
-        if path.stat().st_size == 0:
-            raise ConfigError(f"{option}: {source} is empty (0 bytes); give a file with at least one record")
-        name, kwargs = formats[path.suffix], {"data_files": str(path), "split": "train"}
-    elif path.suffix in formats or source.startswith((".", "/", "~")):
-        raise ConfigError(f"{option}: file {source} does not exist; check the path")
-    else:
-        name, kwargs = source, {"split": split}
-    try:
-        table = datasets.load_dataset(name, **kwargs)
-    except Exception as error:  # datasets raises many types for unreadable files or an offline hub
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"{option}: cannot load {source!r} (split {split!r}): {first}") from error
-    if len(table) == 0:
-        raise ConfigError(f"{option}: {source} has no records")
-    return table
