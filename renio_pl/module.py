@@ -53,6 +53,8 @@ class DistillationModule(pl.LightningModule):
         optimizer: optimizer over the student's trainable parameters.
         lr_scheduler: optional scheduler, stepped every optimizer step.
         chunk_tokens: generated positions turned into full-vocabulary logits at once.
+        gradient_checkpointing: recompute each student decoder layer's activations in the
+            backward instead of keeping them (long completions or large micro-batches).
         evaluate_before_fit: log held-out accuracy at step 0, before the first update.
         pass_at_k: the k of each pass@k reported next to Avg@k and maj@k (those above the
             samples per problem are left out).
@@ -72,6 +74,7 @@ class DistillationModule(pl.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         chunk_tokens: int = 4096,
+        gradient_checkpointing: bool = False,
         evaluate_before_fit: bool = True,
         pass_at_k: list[int] = [4],
         diagnostics: Diagnostics | None = lazy_instance(Diagnostics),
@@ -91,6 +94,8 @@ class DistillationModule(pl.LightningModule):
             raise ConfigError(f"model.pass_at_k values must be >= 1; got {pass_at_k}")
         self.pass_at_k = list(pass_at_k)
         self.student = load_model(student, dtype, student_lora, option="model.student").train()
+        if gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._frozen: list[torch.nn.Module] = []  # a list, so the teacher is not a registered child
         if teacher is not None:
             teacher_model = load_model(teacher, dtype, option="model.teacher")

@@ -6,11 +6,14 @@ import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from renio_pl.datamodule import OnPolicyDataModule
+from renio_pl.losses import weighted_loss
+from renio_pl.models import LoRA
 from renio_pl.module import DistillationModule
-from renio_pl.rollouts import SamplingConfig
+from renio_pl.rollouts import Rollout, SamplingConfig, collate_rollouts
 from renio_pl.weighters import ReNIOWeighter
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -155,3 +158,28 @@ def test_records_without_an_answer_are_dropped_and_counted(model_dirs, tmp_path)
     data = OnPolicyDataModule(str(path), tokenizer=str(model_dirs["student"]))
     data.setup("fit")
     assert [row.index for row in data.train_rows] == [0, 2, 4] and data.dropped_prompts == 2
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model_dirs, lora):
+    rollouts = [Rollout([5, 6, 7], [8, 9, 10, 1], 0, 1.0), Rollout([5, 6], [11, 1], 1, 1.0), Rollout([7], [12, 13], 2, 1.0)]
+    batch = collate_rollouts(rollouts, pad_token_id=0)
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA weights in both modules (A is drawn at load; B is set below)
+        module = DistillationModule(str(model_dirs["student"]), str(model_dirs["teacher"]), chunk_tokens=2,
+                                    student_lora=LoRA(r=4, alpha=8, dropout=0.0) if lora else None,
+                                    gradient_checkpointing=checkpointing)
+        for name, parameter in module.student.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)  # LoRA's B starts at zero: make the adapters matter
+        scores = module.score(batch)
+        loss = weighted_loss(scores.token_loss, batch.completion_mask, torch.tensor([1.5, 0.5, 1.0]))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in module.student.named_parameters() if p.requires_grad})
+    assert module.student.is_gradient_checkpointing
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().sum() > 0 for g in grads[0].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

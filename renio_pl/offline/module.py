@@ -70,13 +70,12 @@ class OfflineDistillationModule(DistillationModule):
             warnings.filterwarnings("ignore", message="Attribute 'objective' is an instance of `nn.Module`")
             super().__init__(
                 student, dtype=dtype, student_lora=student_lora, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                chunk_tokens=chunk_tokens, evaluate_before_fit=evaluate_before_fit, pass_at_k=pass_at_k,
+                chunk_tokens=chunk_tokens, gradient_checkpointing=gradient_checkpointing,
+                evaluate_before_fit=evaluate_before_fit, pass_at_k=pass_at_k,
             )
         # `teacher` (None) is the base class's; dropped so that `load_from_checkpoint` rebuilds this class
         self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler", "teacher"])
         self.objective = objective
-        if gradient_checkpointing:
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
