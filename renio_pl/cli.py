@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from typing import NoReturn
 
+import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from renio_pl.datamodule import OnPolicyDataModule
 from renio_pl.errors import ConfigError, TrainingDiverged
@@ -59,11 +62,32 @@ class RenioArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+def last_checkpoint(trainer: pl.Trainer) -> Path | None:
+    """The newest `last.ckpt` (a file, or an FSDP folder) under the run's root folder or a checkpoint callback's own."""
+    roots = [Path(trainer.default_root_dir)]
+    roots += [Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+    found = {path for root in roots if root.is_dir() for path in root.rglob("last.ckpt")}
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
+
+
 class RenioCLI(LightningCLI):
-    """LightningCLI with `model.student` linked to `data.tokenizer`."""
+    """LightningCLI with `model.student` linked to `data.tokenizer`, and a `--ckpt_path last` that finds it."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.student", "data.tokenizer")
+
+    def before_fit(self) -> None:
+        """Resolve `--ckpt_path last` to the newest `last.ckpt` under `trainer.default_root_dir`.
+
+        Lightning looks only in this run's own checkpoint folder, which a versioned logger
+        (CSVLogger's `version_<n>`) makes a new, empty one, so a resumed run would silently
+        start from scratch. With no `last.ckpt` anywhere, Lightning's warning stands and the
+        run starts fresh (`last` can be set before the first run).
+        """
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last" and (found := last_checkpoint(self.trainer)) is not None:
+            config["ckpt_path"] = str(found)
+            rank_zero_info(f"--ckpt_path last: resuming from {found}")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -105,3 +106,22 @@ def test_a_kill_during_a_save_leaves_a_loadable_checkpoint(tmp_path, delay):
 
     AtomicCheckpointIO().save_checkpoint({"step": -1}, path)  # the next save clears a killed save's staging file
     assert not list(tmp_path.glob(".last.ckpt.*.tmp")) and len(leftovers) <= 1
+
+
+def test_ckpt_path_last_finds_the_checkpoint_of_an_earlier_logger_version(model_dirs, prompt_file, tmp_path):
+    """With a CSVLogger each run logs (and checkpoints) in a new `version_<n>`; `last` must still resume."""
+    trainer = {
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": ""}},
+        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                       "init_args": {"every_n_train_steps": 1, "save_last": True}}],
+    }
+    first = small_fit(model_dirs, prompt_file, tmp_path, [], "--trainer.max_steps", "2", trainer=trainer)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    resumed = small_fit(model_dirs, prompt_file, tmp_path, [], "--trainer.max_steps", "4", "--ckpt_path", "last",
+                        trainer=trainer)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"--ckpt_path last: resuming from {last}" in resumed.stdout + resumed.stderr
+    rows = list(csv.DictReader(open(tmp_path / "version_1" / "metrics.csv")))
+    assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [2, 3]  # steps 3 and 4, not a fresh run
