@@ -23,7 +23,7 @@ from renio_pl.module import DistillationModule
 from renio_pl.rollouts import RolloutGenerator
 from renio_pl.weighters import Weighter
 
-__all__ = ["RenioCLI", "main"]
+__all__ = ["RenioCLI", "run_cli", "main"]
 
 
 def one_line(message: str) -> str:
@@ -90,15 +90,14 @@ class RenioCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path last: resuming from {found}")
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of `renio-pl`."""
+def run_cli(
+    model_class: type[pl.LightningModule], datamodule_class: type[pl.LightningDataModule],
+    parser_class: type[RenioArgumentParser], args: list[str] | None,
+) -> None:
+    """Run a `RenioCLI` over the given classes; a `ConfigError` exits 2 and a divergence exits 1, in one line."""
     try:
         RenioCLI(
-            DistillationModule,
-            OnPolicyDataModule,
-            save_config_kwargs={"overwrite": True},
-            parser_class=RenioArgumentParser,
-            args=args,
+            model_class, datamodule_class, save_config_kwargs={"overwrite": True}, parser_class=parser_class, args=args
         )
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
@@ -106,6 +105,11 @@ def main(args: list[str] | None = None) -> None:
     except TrainingDiverged as error:
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(1) from None
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of `renio-pl`."""
+    run_cli(DistillationModule, OnPolicyDataModule, RenioArgumentParser, args)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,9 @@ errors with exit status 2, a diverged run with status 1); only the two classes d
 from __future__ import annotations
 
 import re
-import sys
 from typing import NoReturn
 
-from renio_pl.cli import RenioArgumentParser, RenioCLI
-from renio_pl.errors import ConfigError, TrainingDiverged
+from renio_pl.cli import RenioArgumentParser, run_cli
 from renio_pl.offline.datamodule import TraceDataModule
 from renio_pl.offline.module import OfflineDistillationModule
 
@@ -38,20 +36,7 @@ class OfflineArgumentParser(RenioArgumentParser):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `renio-pl-redi`."""
-    try:
-        RenioCLI(
-            OfflineDistillationModule,
-            TraceDataModule,
-            save_config_kwargs={"overwrite": True},
-            parser_class=OfflineArgumentParser,
-            args=args,
-        )
-    except ConfigError as error:
-        sys.stderr.write(f"error: {error}\n")
-        raise SystemExit(2) from None
-    except TrainingDiverged as error:
-        sys.stderr.write(f"error: {error}\n")
-        raise SystemExit(1) from None
+    run_cli(OfflineDistillationModule, TraceDataModule, OfflineArgumentParser, args)
 
 
 if __name__ == "__main__":
