@@ -3,8 +3,10 @@
 Stage 5 of the data flow (rollouts -> log-probs -> weights -> **loss**). A `Loss` maps one
 chunk of `N` generated positions to `N` per-token values; `logprobs.score_tokens` calls it
 chunk by chunk so that `[B, T, V]` logits never exist for the whole batch at once.
-`weighted_loss` turns `(B, T)` token values into the batch loss `mean_i w_i L_i`, with
-`L_i` the mean over sample `i`'s generated tokens.
+`weighted_loss` turns `(B, T)` token values into the batch loss: `mean_i w_i L_i`, with `L_i`
+the mean over sample `i`'s generated tokens (reduction `sample`, the ReNIO release's), or the
+weighted sum of every token value over the batch's generated tokens (reduction `token`, the
+TRD release's). Each `Loss` names its reduction.
 
 Glossary: `N` tokens in a chunk, `V` vocabulary, `B` rollouts, `T` completion tokens.
 """
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from renio_pl.errors import ConfigError
 
-__all__ = ["Loss", "ForwardKL", "ReverseKL", "GeneralizedJSD", "SampledReverseKL", "weighted_loss"]
+__all__ = ["REDUCTIONS", "Loss", "ForwardKL", "ReverseKL", "GeneralizedJSD", "SampledReverseKL", "weighted_loss"]
 
 # Teacher log-probs are floored here before entering a loss: a teacher that gives a sampled
 # token probability 0 (-inf) would otherwise make reverse KL infinite. exp(-1e4) is 0 in any dtype.
@@ -32,8 +34,25 @@ def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
 
 
+REDUCTIONS = ("sample", "token")
+
+
 class Loss(torch.nn.Module, ABC):
-    """Per-token objective on one chunk of generated positions."""
+    """Per-token objective on one chunk of generated positions, and how its batch is reduced.
+
+    Args:
+        reduction: how `weighted_loss` turns the batch's token values into its loss:
+            `sample` (default): `mean_i w_i L_i`, `L_i` the mean over sample `i`'s tokens, so
+            every rollout counts alike whatever its length (the ReNIO release,
+            `opsd_trainer.py` `compute_loss`); `token`: `sum_i w_i sum_t l_it / sum_i |M_i|`,
+            every token alike (the TRD release, `recipe/opd/kl_trainer.py` `_compute_kl_loss`).
+    """
+
+    def __init__(self, reduction: str = "sample") -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"model.loss.init_args.reduction must be sample or token; got {reduction!r}")
+        self.reduction = reduction
 
     def forward(self, student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
         """Per-token loss.
@@ -58,10 +77,11 @@ class ForwardKL(Loss):
     Args:
         clamp: if set, each vocabulary entry `pi_T(v) (log pi_T(v) - log pi_S(v))` is clamped
             to `[0, clamp]` before the sum over `v` (the release uses 0.05; 0.06 for 8B).
+        reduction: `sample` or `token` (see `Loss`).
     """
 
-    def __init__(self, clamp: float | None = None) -> None:
-        super().__init__()
+    def __init__(self, clamp: float | None = None, reduction: str = "sample") -> None:
+        super().__init__(reduction)
         if clamp is not None and clamp <= 0:
             raise ConfigError(f"model.loss.init_args.clamp must be > 0 or null; got {clamp}")
         self.clamp = clamp
@@ -90,10 +110,11 @@ class GeneralizedJSD(Loss):
 
     Args:
         beta: interpolation coefficient in [0, 1].
+        reduction: `sample` or `token` (see `Loss`).
     """
 
-    def __init__(self, beta: float = 0.5) -> None:
-        super().__init__()
+    def __init__(self, beta: float = 0.5, reduction: str = "sample") -> None:
+        super().__init__(reduction)
         if not 0.0 <= beta <= 1.0:
             raise ConfigError(f"model.loss.init_args.beta must be in [0, 1]; got {beta}")
         self.beta = beta
@@ -125,19 +146,30 @@ class SampledReverseKL(Loss):
         return (student_sampled - teacher_sampled).detach() * student_sampled
 
 
-def weighted_loss(token_loss: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
-    """Batch loss `mean_i w_i L_i`, `L_i` the mean of sample `i`'s token losses over its mask.
+def weighted_loss(token_loss: Tensor, mask: Tensor, weights: Tensor, reduction: str = "sample") -> Tensor:
+    """The batch loss from per-token values and per-sample weights.
+
+    `sample`: `mean_i w_i L_i`, `L_i` the mean of sample `i`'s token losses over its mask.
+    `token`: `sum_i w_i sum_{t in M_i} l_it / sum_i |M_i|` (uniform weights: the batch's summed
+    token loss over its generated tokens). Lengths 1 and 4 with token losses [1] and
+    [0, 0, 0, 0]: `sample` 0.5, `token` 0.2.
 
     Args:
         token_loss: (B, T) float per-token loss (0 or anything off the mask).
         mask: (B, T) bool, True on generated tokens.
         weights: (B,) float32 detached weights.
+        reduction: `sample` or `token`.
     Returns:
-        () float32; a row without tokens contributes 0.
+        () float32; a row without tokens contributes 0 (and nothing to the token count).
     """
     mask = mask.to(token_loss.dtype)
-    per_sample = (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B,)
-    return (weights.detach().to(per_sample.dtype) * per_sample).mean()
+    summed = (token_loss * mask).sum(dim=1)  # (B,)
+    weights = weights.detach().to(summed.dtype)
+    if reduction == "sample":
+        return (weights * summed / mask.sum(dim=1).clamp(min=1.0)).mean()
+    if reduction == "token":
+        return (weights * summed).sum() / mask.sum().clamp(min=1.0)
+    raise ValueError(f"reduction must be sample or token; got {reduction!r}")
 
 
 # --- Offline objectives on teacher traces (REDI, Xu et al. 2025) ---------------------------------

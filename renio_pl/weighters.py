@@ -179,7 +179,10 @@ class ReNIOWeighter(Weighter):
     Three phases, as the authors released them: (I) `l_t = log pi_S - log pi_T` on every
     sampled token; (II) pivotal tokens `P_i = {t in M_i : l_t >= threshold}`; (III) score
     `s_i = mean_{t in P_i} min(l_t, clip)` (0 when `P_i` is empty), raw weight
-    `u_i = exp(s_i / temperature)`, then normalisation.
+    `u_i = exp(s_i / temperature)`, then normalisation. With `clip_before_threshold` the
+    release's order: `P_i = {t in M_i : min(l_t, clip) >= threshold}` (`opsd_trainer.py`
+    `_compute_weights_ratio38`); the two differ only when `threshold > clip`, where the
+    release's order finds no pivotal token at all (every weight 1 before normalisation).
 
     Args:
         threshold: `tau`, the log-ratio at or above which a token is pivotal.
@@ -189,10 +192,13 @@ class ReNIOWeighter(Weighter):
             `ema`: `w = min(u / m, cap)` with `m` a running mean of batch means (updated in
             training mode, `m <- (1 - ema_alpha) m + ema_alpha * mean(u)`, first batch sets it);
             `clamp`: `u` clipped to [0.1, 10], then divided by its mean.
-        cap: upper bound on a normalised weight (`batch_mean`, `ema`), >= 1.
+        cap: upper bound on a normalised weight (`batch_mean`, `ema`), >= 1; None: uncapped
+            (the release caps `batch_mean` at 10 and leaves `ema` uncapped).
         scope: `micro_batch` normalises over this process's batch (as released); `global`
             over the batch of all processes (sums all-reduced).
         ema_alpha: update rate of the `ema` running mean, in (0, 1].
+        clip_before_threshold: True: `l_t` is clipped to `clip` before the threshold test
+            (the release's order); False: the threshold tests the unclipped `l_t`.
     """
 
     def __init__(
@@ -201,9 +207,10 @@ class ReNIOWeighter(Weighter):
         clip: float = 2.5,
         temperature: float = 1.0,
         normalization: Literal["batch_mean", "none", "ema", "clamp"] = "batch_mean",
-        cap: float = 10.0,
+        cap: float | None = 10.0,
         scope: Literal["micro_batch", "global"] = "micro_batch",
         ema_alpha: float = 0.1,
+        clip_before_threshold: bool = False,
     ) -> None:
         super().__init__()
         prefix = "model.weighter.init_args"
@@ -217,7 +224,7 @@ class ReNIOWeighter(Weighter):
             raise ConfigError(f"{prefix}.clip must be > 0; got {clip}")
         if temperature <= 0:
             raise ConfigError(f"{prefix}.temperature must be > 0; got {temperature}")
-        if cap < 1:
+        if cap is not None and cap < 1:
             raise ConfigError(f"{prefix}.cap must be >= 1 (weights average 1); got {cap}")
         if not 0 < ema_alpha <= 1:
             raise ConfigError(f"{prefix}.ema_alpha must be in (0, 1]; got {ema_alpha}")
@@ -228,12 +235,16 @@ class ReNIOWeighter(Weighter):
         self.cap = cap
         self.scope = scope
         self.ema_alpha = ema_alpha
+        self.clip_before_threshold = clip_before_threshold
         # Running mean for `ema`; NaN until the first batch. In the state dict, so it resumes.
         self.register_buffer("ema_mean", torch.tensor(float("nan")))
 
     def pivotal(self, inputs: WeighterInputs) -> Tensor:
-        """(B, T) bool: generated tokens whose log-ratio is at or above the threshold."""
-        return inputs.mask.bool() & (inputs.log_ratio() >= self.threshold)
+        """(B, T) bool: generated tokens whose log-ratio (clipped first, in the release's order) is >= the threshold."""
+        ratio = inputs.log_ratio()
+        if self.clip_before_threshold:
+            ratio = ratio.clamp(max=self.clip)
+        return inputs.mask.bool() & (ratio >= self.threshold)
 
     def raw_weights(self, inputs: WeighterInputs) -> Tensor:
         """(B,) float32 `u_i = exp(s_i / temperature)`, before normalisation."""
@@ -261,7 +272,8 @@ class ReNIOWeighter(Weighter):
             denominator = batch_mean if torch.isnan(self.ema_mean) else self.ema_mean
         else:
             denominator = batch_mean
-        return (raw / denominator).clamp(max=self.cap)
+        normalised = raw / denominator
+        return normalised if self.cap is None else normalised.clamp(max=self.cap)
 
     def _mean(self, values: Tensor, valid: Tensor) -> Tensor:
         """Mean of `values` over valid rows of this batch, or of all ranks' batches (`global`)."""

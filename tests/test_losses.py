@@ -97,6 +97,32 @@ def test_weighted_loss_by_hand():
     assert_close(weighted_loss(token_loss, mask, torch.zeros(3)), torch.tensor(0.0))
 
 
+def test_token_reduction_by_hand():
+    # lengths 1 and 4, token losses [1] and [0, 0, 0, 0]:
+    # sample: mean(1 / 1, 0 / 4) = 0.5; token (TRD's release): (1 + 0) / (1 + 4) = 0.2
+    token_loss = torch.tensor([[1.0, 9.0, 9.0, 9.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, False, False, False], [True, True, True, True]])
+    ones = torch.ones(2)
+    assert_close(weighted_loss(token_loss, mask, ones), torch.tensor(0.5))
+    assert_close(weighted_loss(token_loss, mask, ones, "token"), torch.tensor(0.2))
+    # weighted: (2 * 1 + 0.5 * 0) / 5 = 0.4; a row without tokens adds nothing to the count
+    assert_close(weighted_loss(token_loss, mask, torch.tensor([2.0, 0.5]), "token"), torch.tensor(0.4))
+    empty = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    assert_close(weighted_loss(token_loss, empty, ones, "token"), torch.tensor(1.0))
+    # the gradient reaches each token as w_i / sum |M| (token) and w_i / (B |M_i|) (sample)
+    values = torch.tensor([[3.0, 0.0], [1.0, 2.0]], requires_grad=True)
+    mask2 = torch.tensor([[True, False], [True, True]])
+    weighted_loss(values, mask2, torch.tensor([1.0, 3.0]), "token").backward()
+    assert_close(values.grad, torch.tensor([[1 / 3, 0.0], [1.0, 1.0]]))
+
+
+def test_every_loss_takes_a_reduction():
+    for make in (ForwardKL, ReverseKL, GeneralizedJSD, SampledReverseKL):
+        assert make().reduction == "sample" and make(reduction="token").reduction == "token"
+    with pytest.raises(ConfigError, match="reduction must be sample or token"):
+        ForwardKL(reduction="batch")
+
+
 @pytest.mark.parametrize("make", [lambda: ForwardKL(clamp=0.0), lambda: GeneralizedJSD(1.5)])
 def test_bad_loss_options(make):
     with pytest.raises(ConfigError):

@@ -169,3 +169,39 @@ def test_uniform_and_contract():
     student = torch.zeros(2, 2, requires_grad=True)
     weights = LengthWeighter()(WeighterInputs(student, torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool)))
     assert not weights.requires_grad
+
+
+def test_renio_ema_uncapped_by_hand():
+    # clip 5: row 0's pivotal l = 2.0, 3.5 -> s0 = 2.75, u = [e^2.75, 1]; the first batch sets
+    # m = mean(u) = (e^2.75 + 1) / 2 = 8.321 and w = u / m = [1.880, 0.120].
+    # A second batch of u = [e^3, e^3] (one pivotal token l = 3 each): m <- 0.9 m + 0.1 e^3 = 9.498,
+    # w = e^3 / m = 2.115 each, not capped; at a cap of 2 both would be 2.
+    second = WeighterInputs(torch.zeros(2, 1), torch.full((2, 1), -3.0), torch.ones(2, 1, dtype=torch.bool))
+    uncapped = ReNIOWeighter(normalization="ema", cap=None, clip=5.0)
+    e275 = math.exp(2.75)
+    assert_close(uncapped(renio_inputs()), torch.tensor([2 * e275 / (e275 + 1), 2 / (e275 + 1)]))
+    m = 0.9 * (e275 + 1) / 2 + 0.1 * math.exp(3.0)
+    assert math.exp(3.0) / m > 2.1
+    assert_close(uncapped(second), torch.full((2,), math.exp(3.0) / m))
+    capped = ReNIOWeighter(normalization="ema", cap=2.0, clip=5.0)
+    capped(renio_inputs())
+    assert_close(capped(second), torch.full((2,), 2.0))
+    assert_close(ReNIOWeighter(cap=None)(renio_inputs()), ReNIOWeighter(cap=10.0)(renio_inputs()))
+
+
+def test_renio_clip_before_threshold_by_hand():
+    # threshold 2.2 > clip 2.0. Row 0: l = [2.0, 0.1, 3.5].
+    # Ours (threshold first): pivotal = {3.5}, clipped to 2 -> s0 = 2; row 1 none -> s1 = 0:
+    #   u = [e^2, 1] -> w = [2 e^2 / (e^2 + 1), 2 / (e^2 + 1)].
+    # Release (clip first): min(l, 2) = [2.0, 0.1, 2.0] < 2.2 everywhere: no pivotal token, u = [1, 1] -> w = [1, 1].
+    e2 = math.exp(2.0)
+    ours = ReNIOWeighter(threshold=2.2, clip=2.0)
+    release = ReNIOWeighter(threshold=2.2, clip=2.0, clip_before_threshold=True)
+    assert_close(ours(renio_inputs()), torch.tensor([2 * e2 / (e2 + 1), 2 / (e2 + 1)]))
+    assert_close(release(renio_inputs()), torch.tensor([1.0, 1.0]))
+    assert release.pivotal(renio_inputs()).sum() == 0
+    # at threshold 2.0 == clip the release's order keeps 2.0 and the clipped 3.5: s0 = 2 either way
+    assert_close(ReNIOWeighter(threshold=2.0, clip=2.0, clip_before_threshold=True)(renio_inputs()),
+                 ReNIOWeighter(threshold=2.0, clip=2.0)(renio_inputs()))
+    # below the clip (the paper configs' thresholds) the two orders agree: the default test's weights
+    assert_close(ReNIOWeighter(clip_before_threshold=True)(renio_inputs()), ReNIOWeighter()(renio_inputs()))
