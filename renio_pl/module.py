@@ -26,6 +26,7 @@ from torch.nn import ModuleDict
 from renio_pl.diagnostics import Diagnostics
 from renio_pl.errors import ConfigError, TrainingDiverged
 from renio_pl.evaluators.accuracy import accuracy_metrics, completion_record, compute_accuracy, update_accuracy
+from renio_pl.guards import check_fit_setup
 from renio_pl.losses import ForwardKL, Loss, weighted_loss
 from renio_pl.logprobs import TokenScores, completion_hidden_states, score_tokens
 from renio_pl.models import DType, LoRA, check_same_vocabulary, load_model, load_tokenizer
@@ -115,6 +116,7 @@ class DistillationModule(pl.LightningModule):
             shard_student(self.student, self.device_mesh)
 
     def on_fit_start(self) -> None:
+        check_fit_setup(self.trainer, self)  # fp32 master weights, one rollout round per epoch
         self_distillation = getattr(getattr(self.trainer, "datamodule", None), "solution_field", None) is not None
         if not self._frozen and not self_distillation:
             raise ConfigError(

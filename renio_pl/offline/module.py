@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from renio_pl.errors import ConfigError
+from renio_pl.guards import check_fit_setup
 from renio_pl.logprobs import completion_hidden_states, token_logprobs
 from renio_pl.losses import SFTLoss, TraceLoss, length_normalized_logprobs
 from renio_pl.models import DType, LoRA
@@ -88,6 +89,7 @@ class OfflineDistillationModule(DistillationModule):
 
     def on_fit_start(self) -> None:
         """Nothing to load: there is no teacher (the data module has checked the objective against its stage)."""
+        check_fit_setup(self.trainer, self)  # fp32 master weights, a new record order per epoch
 
     # --- the data flow -----------------------------------------------------------------------
     def completion_logprobs(self, completions: RolloutBatch) -> Tensor:
