@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -392,9 +393,10 @@ def test_paper_redi_configs_carry_the_authors_recipe(stage, capsys):
     assert data["batch_size"] * trainer["devices"] * trainer["accumulate_grad_batches"] == batch
     assert trainer["max_epochs"] == epochs and trainer["precision"] == "bf16-mixed" and model["dtype"] == "float32"
     schedule = model["lr_scheduler"]["init_args"]
-    assert model["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.OneCycleLR"
-    assert (schedule["max_lr"], schedule["pct_start"], schedule["anneal_strategy"]) == (lr, 0.1, "linear")
-    assert schedule["total_steps"] == trainer["max_steps"]  # OneCycleLR refuses to step past total_steps
+    assert model["lr_scheduler"]["class_path"] == "renio_pl.schedules.WarmupDecay"  # the HF Trainer's linear schedule
+    assert (schedule["shape"], schedule["min_ratio"]) == ("linear", 0.0)
+    assert schedule["total_steps"] == trainer["max_steps"]
+    assert schedule["warmup_steps"] == math.ceil(0.1 * trainer["max_steps"])  # warmup_ratio 0.1, as the HF Trainer rounds it
     assert (data["max_prompt_tokens"], data["max_completion_tokens"], data["long_traces"]) == (800, 19000, "drop")
     assert data["stage"] == stage and model["gradient_checkpointing"] is True
     objective = model["objective"]
