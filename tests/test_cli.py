@@ -161,27 +161,3 @@ def test_validate_subcommand_reports_held_out_accuracy(model_dirs, prompt_file, 
           "--data.val_sampling.max_new_tokens", "3", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
           "--trainer.default_root_dir", str(tmp_path)])
     assert "val/accuracy" in capsys.readouterr().out
-
-
-RELEASE_RENIO = {  # (tau, clip) of the ReNIO release per script (method.md)
-    "opd_qwen3_1.7b.yaml": (1.0, 2.0),
-    "opsd_qwen3_1.7b.yaml": (0.8, 2.5),
-    "opsd_r1_distill_qwen_7b.yaml": (0.01, 2.0),
-}
-
-
-@pytest.mark.parametrize("name", RELEASE_RENIO)
-def test_paper_configs_carry_the_release_settings(name, capsys):
-    printed = printed_config("fit", ROOT / "configs" / "paper" / name, capsys)
-    model, data = printed["model"], printed["data"]
-    assert model["student_lora"] == {"r": 64, "alpha": 128, "dropout": 0.0, "target_modules": "all-linear"}
-    weighter = model["weighter"]["init_args"]
-    assert (weighter["threshold"], weighter["clip"]) == RELEASE_RENIO[name]
-    assert (weighter["temperature"], weighter["cap"], weighter["scope"]) == (1.0, 10.0, "micro_batch")
-    assert model["optimizer"]["init_args"]["lr"] == 5e-6 and printed["trainer"]["max_steps"] == 126
-    assert data["sampling"] == {"n": 1, "temperature": 1.1, "top_p": 0.95, "top_k": 20, "max_new_tokens": 1024}
-    assert data["prompts_per_epoch"] == 32 == data["batch_size"] * printed["trainer"]["devices"]
-    opsd = name.startswith("opsd")
-    assert (model["teacher"] is None) == opsd and (data["solution_field"] is not None) == opsd
-    if opsd:
-        assert data["engine"]["class_path"] == "renio_pl.vllm_engine.VLLMGenerator"
