@@ -22,10 +22,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.testing import assert_close
 
-from tests.conftest import save_model
+from renio_pl.datamodule import OnPolicyDataModule
+from renio_pl.demo.task import make_tokenizer
+from renio_pl.models import LoRA, load_model
+from renio_pl.module import DistillationModule
+from renio_pl.prompts import PromptFormat
+from renio_pl.rollouts import Rollout
+from tests.conftest import save_model, tiny_qwen3
 from tests.test_cli import printed_config
+from tests.test_opsd import CHARACTERS, THINKING_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper"
@@ -164,6 +172,43 @@ def test_trd_paper_configs_keep_fp32_master_weights_the_token_reduction_and_the_
         assert schedule == {"total_steps": total, "warmup_steps": int(0.1 * total), "shape": "cosine", "min_ratio": 0.1}
 
 
+def test_opd_with_a_separate_teacher_reads_the_reference_solution(tmp_path):
+    """The OPD paper config's teacher context: the 8B teacher scores the student's tokens after the privileged prompt."""
+    config = yaml.safe_load((PAPER / "opd_qwen3_1.7b.yaml").read_text())["data"]
+    tokenizer = make_tokenizer(CHARACTERS, THINKING_TEMPLATE)
+    for name, seed in (("student", 0), ("teacher", 1)):
+        tiny_qwen3(seed, len(tokenizer)).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    rows = [{"problem": f"What is {a}+1?", "solution": f"Add one: {a + 1}."} for a in range(2)]
+    data = OnPolicyDataModule(
+        str(write_jsonl(tmp_path / "train.jsonl", rows)), tokenizer=str(tmp_path / "student"), prompt_field="problem",
+        answer_field=None, solution_field="solution", prompt_format=PromptFormat(**config["prompt_format"]),
+        teacher_prompt_format=PromptFormat(**config["teacher_prompt_format"]), prompts_per_epoch=2, batch_size=2)
+    data.setup("fit")
+    student_prompt, teacher_prompt = (tokenizer.decode(data.train_prompt_ids[0]),
+                                      tokenizer.decode(data.train_teacher_prompt_ids[0]))
+    assert student_prompt.endswith("<think>\n\n</think>\n\n") and "Add one" not in student_prompt  # thinking off
+    assert release_teacher_message("What is 0+1?", "Add one: 1.") in teacher_prompt
+    assert teacher_prompt.endswith("<|im_start|>assistant\n")  # thinking on
+    module = DistillationModule(str(tmp_path / "student"), str(tmp_path / "teacher"), dtype="float32",
+                                student_lora=LoRA(r=4, alpha=8), diagnostics=None)
+    completions = [[40, 41, 42], [50, 51]]
+    batch = data._collate([Rollout(data.train_prompt_ids[i], c, i, 1.1, teacher_prompt_ids=data.train_teacher_prompt_ids[i])
+                           for i, c in enumerate(completions)])
+    scores = module.score(batch)
+    teacher = load_model(str(tmp_path / "teacher"))  # the separate teacher, by hand
+    with torch.no_grad():
+        for i, completion in enumerate(completions):
+            privileged = data.train_teacher_prompt_ids[i]
+            logits = teacher(torch.tensor([privileged + completion])).logits[0, len(privileged) - 1 : -1]
+            expected = torch.log_softmax(logits / 1.1, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+            assert_close(scores.teacher_logprobs[i, : len(completion)], expected, atol=1e-5, rtol=1e-5)
+            plain = data.train_prompt_ids[i]  # not what it scores: the student's own prompt
+            logits = teacher(torch.tensor([plain + completion])).logits[0, len(plain) - 1 : -1]
+            other = torch.log_softmax(logits / 1.1, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+            assert not torch.allclose(scores.teacher_logprobs[i, : len(completion)], other, atol=1e-3)
+
+
 # --- the rehearsal ---------------------------------------------------------------------------------
 REHEARSALS = {  # config -> (CLI, engine): the vLLM engine for one config, the HF engine for the rest
     "opd_qwen3_1.7b.yaml": ("renio-pl", "hf"),
@@ -231,9 +276,9 @@ def rehearsal_inputs(tmp_path_factory) -> dict[str, Path]:
             "traces": write_jsonl(root / "traces.jsonl", traces)}
 
 
-def swaps(name: str, inputs: dict[str, Path], folder: Path, engine: str) -> list[str]:
+def swaps(config: Path, inputs: dict[str, Path], folder: Path, engine: str) -> list[str]:
     """Only model ids, data, lengths, engine, accelerator and output folders; the rest is the file's."""
-    text = (PAPER / name).read_text()
+    name, text = config.name, config.read_text()
     args = ["--trainer.accelerator=cpu", "--trainer.devices=1", f"--trainer.max_steps={STEPS}",
             f"--trainer.default_root_dir={folder}", f"--trainer.logger.init_args.save_dir={folder}",
             "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
@@ -259,11 +304,12 @@ def swaps(name: str, inputs: dict[str, Path], folder: Path, engine: str) -> list
     return args
 
 
-def run_rehearsal(config: Path, name: str, inputs: dict[str, Path], folder: Path) -> dict:
+def run_rehearsal(config: Path, name: str, inputs: dict[str, Path], folder: Path, prelude: str = "") -> dict:
+    """`rehearse` in a fresh process (`prelude`: code run first there); `name` is the paper config `config` stands for."""
     cli, engine = REHEARSALS[name]
     out = folder / "rehearsal.json"
-    code = (f"from tests.test_paper_configs import rehearse; rehearse({str(config)!r}, "
-            f"{swaps(name, inputs, folder, engine)!r}, {cli!r}, {str(out)!r})")
+    code = (f"{prelude}from tests.test_paper_configs import rehearse; rehearse({str(config)!r}, "
+            f"{swaps(config, inputs, folder, engine)!r}, {cli!r}, {str(out)!r})")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
