@@ -37,6 +37,7 @@ class Case:
         ours: keyword arguments of `renio_pl.weighters.ReNIOWeighter`.
         expect: `equal` (parity to the tolerance) or `differ` (a known difference, explained in `why`).
         why: for `differ`, the reason.
+        right: for `differ`, which side is right and when it matters.
         layout: `left` (prompts left-padded, as renio_pl lays them out) for both sides, or
             `release` (the release's side gets its collator's right-padded prompts).
     """
@@ -48,6 +49,7 @@ class Case:
     ours: dict
     expect: str = "equal"
     why: str = ""
+    right: str = ""
     layout: str = "left"
 
 
@@ -73,6 +75,10 @@ CASES = [
         ours_weighter(1.5, 1.0), expect="differ",
         why="the release clips l_t to kd_clamp before the threshold test, so with threshold > clip no token "
         "is ever pivotal and every weight is exp(0) = 1 (ReNIO switched off); renio_pl tests the unclipped l_t",
+        right="the two orders agree whenever threshold <= clip, which holds in every run_*.sh of the release "
+        "((1.0, 2.0), (0.8, 2.5), (0.01, 2.0)), so the paper's runs are not affected; above that the release's "
+        "order silently disables ReNIO, and renio_pl's (pivotal set from the unclipped l_t, then the clip on the "
+        "values averaged) is the meaningful one. `clip_before_threshold: true` reproduces the release (next row)",
     ),
     Case(
         "OPSD, threshold 1.5 > clip 1.0, clip_before_threshold", "opsd", ALL_OPSD, release_flags(1.5, 1.0),
@@ -82,6 +88,9 @@ CASES = [
         "OPD, ema, 3 steps, renio_pl's cap 10", "opd", EMA_STEPS, release_flags(1.0, 2.0, "ema", 0.25),
         ours_weighter(1.0, 2.0, "ema", 0.25), expect="differ",
         why="the release's ema normalisation divides by the running mean with no cap; renio_pl caps at 10",
+        right="every run_*.sh of the release uses batch_mean (capped at 10 there too), so the paper's runs are not "
+        "affected. Uncapped, a rollout's weight is unbounded when the running mean lags a batch of high raw weights "
+        "(12.04 here); the cap is renio_pl's guard, and `cap: null` reproduces the release (next row)",
     ),
     Case("OPD, ema, 3 steps, uncapped", "opd", EMA_STEPS, release_flags(1.0, 2.0, "ema", 0.25),
          ours_weighter(1.0, 2.0, "ema", 0.25, cap=None)),
@@ -91,6 +100,12 @@ CASES = [
         why="the release's collator right-pads prompts to the batch's longest, so in a shorter prompt's row "
         "masked pad tokens sit between prompt and completion and, with no position_ids passed, shift the "
         "completion's rotary positions; renio_pl left-pads and numbers positions past the padding",
+        right="renio_pl is right: each completion is scored at the positions it was sampled at (the release's vLLM "
+        "sampler reads every prompt unpadded; renio_pl's position ids skip the left padding, so a row scores as if "
+        "alone). In the release's layout, every row whose prompt is shorter than its micro-batch's longest has its "
+        "completion shifted by the gap, for the student and for the teacher (whose prompts are right-padded too), so "
+        "its log-ratios and KL are not those of the policy that sampled it. This is built upstream of the loss code "
+        "(the collator and `_generate_on_policy_outputs_vllm`); renio_pl does not offer that layout",
     ),
 ]
 

@@ -34,6 +34,47 @@ VOCAB = 64
 HEAD_SCALE = 5.0  # lm_head weights x5: sampled tokens' log-ratios spread over about [-2, 3], across ReNIO's thresholds
 LORA_STD = 0.15  # random LoRA A and B, so the OPSD student differs from its base weights
 QUANTITIES = ("weights", "token_loss", "loss", "grads")
+METHOD = """## How the check runs
+
+- Models: a 2-layer random-weight Qwen3 student and teacher (vocabulary 64, lm_head weights x5 so that the
+  sampled tokens' log-ratios cross ReNIO's thresholds), written with `save_pretrained` and loaded by both
+  stacks. OPSD: the student carries a random LoRA adapter (r 4, alpha 8, all projections), its base weights
+  (adapter off) teach, as the release's `--fixed_teacher` does.
+- Rollouts: 9 (OPD) and 6 (OPSD) completions of 9-16 tokens sampled at temperature 1.1 from the student
+  (OPD rows 6-8 from the teacher), prompts of 3-8 tokens; the teacher reads `[solution][prompt]` (OPD) or
+  `[prompt][solution]` (OPSD), so its prompt width differs from the student's and the completion tokens
+  must be aligned after each.
+- The release's side (`release_side.py`, its venv): `opsd_trainer.py` imported unchanged, nothing stubbed.
+  The `OPSDTrainer` is made with `object.__new__` and given the attributes its `__init__` sets from the
+  scripts' flags (temperature 1.1, beta 0, jsd_token_clip 0.05, use_renio, threshold, kd_clamp, kd_sgo_tem,
+  weight_norm_type, the teacher mode, an `accelerate.Accelerator(cpu=True)`); `__init__` itself would build
+  a TRL `SFTTrainer` with a data set and an optimizer that the loss never reads. Its `compute_loss` runs as
+  released and `backward` gives the gradients; `_compute_jsd_from_log_probs` and `_compute_sample_weights`
+  are wrapped only to record what they return. The batch is the dict `training_step` builds (ids, masks,
+  the teacher's mask `ids != pad`, labels with prompt and pad set to -100). In the `left` layout both sides
+  get left-padded prompts: with no position ids passed, the release's model numbers positions from the
+  first pad, a shift common to the whole row that rotary attention cancels.
+- renio_pl's side (`ours_side.py`): `DistillationModule` with `ForwardKL(clamp=0.05, reduction="sample")` and
+  the case's `ReNIOWeighter`; per step `collate_rollouts`, `module.score`, the weighter, `weighted_loss`
+  with the loss's reduction, `backward` - what `training_step` does before its cross-process checks.
+- A case with several steps runs them in order on one trainer / one module (the `ema` running mean carries
+  over), gradients zeroed before each.
+
+## Not covered here
+
+- The batch the release's vLLM path builds: student prompts decoded with special tokens skipped and
+  re-tokenised, while `training_step` still cuts the sequences at the collator's prompt width, which counts
+  the removed special tokens; by our reading (not run here) the first few completion tokens of every row
+  then leave the loss and the teacher's input. That happens before `compute_loss` and is not compared.
+- bf16, FlashAttention-2, DeepSpeed ZeRO-2 and several GPUs (the paper's runs); here float32, SDPA, one CPU
+  process.
+- A row with no generated token: the release gives it raw weight 1 and counts it in the batch mean,
+  renio_pl gives it 0 and leaves it out. A sampler returns at least one token, so no case has one.
+- The release's stack: its `environment.yml` pins Python 3.10 and torch 2.8.0; this run used Python 3.11
+  and torch 2.13.0 (CPU wheels) with its other pins (transformers 4.57.1, trl 0.26.0, peft 0.17.1,
+  accelerate 1.11.0, datasets 3.6.0, safetensors 0.5.3); deepspeed, vllm, xformers, bitsandbytes,
+  flash-attn and wandb are not installed (the trainer imports them only when available or when used).
+"""
 
 
 def tiny_model(seed: int):
@@ -121,12 +162,12 @@ def largest(value) -> float:
     return max(largest(v) for v in value.values()) if isinstance(value, dict) else value.abs().max().item()
 
 
-def compare(ours: list[dict], theirs: list[dict], tolerance: float) -> list[dict]:
+def compare(ours: list[dict], theirs: list[dict], tolerance: float, cases=CASES) -> list[dict]:
     """Per case: max abs difference of each quantity over its steps, and a verdict against `Case.expect`."""
     rows = []
-    for case, mine, release in zip(CASES, ours, theirs):
+    for case, mine, release in zip(cases, ours, theirs, strict=True):
         row = {"case": case.name, "mode": case.mode, "expect": case.expect, "why": case.why,
-               "release_flags": case.release, "ours_weighter": case.ours, "steps": len(case.steps)}
+               "right": case.right, "release_flags": case.release, "ours_weighter": case.ours, "steps": len(case.steps)}
         if "error" in mine or "error" in release:
             row.update(verdict="not run", error=mine.get("error") or release.get("error"))
             rows.append(row)
@@ -135,6 +176,10 @@ def compare(ours: list[dict], theirs: list[dict], tolerance: float) -> list[dict
         row["scale"] = {q: max(largest(b[q]) for b in release["steps"]) for q in QUANTITIES}
         row["weights"] = {"ours": [s["weights"].tolist() for s in mine["steps"]],
                           "release": [s["weights"].tolist() for s in release["steps"]]}
+        row["rows_with_token_loss_diff"] = [
+            [i for i in range(len(a["token_loss"])) if max_abs_diff(a["token_loss"][i], b["token_loss"][i]) > tolerance]
+            for a, b in zip(mine["steps"], release["steps"])
+        ]
         within = all(d <= tolerance for d in row["diff"].values())
         if case.expect == "equal":
             row["verdict"] = "match" if within else "MISMATCH"
@@ -192,8 +237,11 @@ def markdown(rows: list[dict], meta: dict, tolerance: float) -> str:
     lines += ["", "## Known differences exercised", ""]
     for row in rows:
         if row["expect"] == "differ":
-            lines.append(f"- **{row['case']}**: {row['why']}.")
-    return "\n".join(lines) + "\n"
+            rows_note = ""
+            if "rows_with_token_loss_diff" in row:
+                rows_note = f" Rows whose per-token losses differ, per step: {row['rows_with_token_loss_diff']}."
+            lines.append(f"- **{row['case']}**: {row['why']}.{rows_note} Which is right: {row['right']}.")
+    return "\n".join(lines) + "\n\n" + METHOD
 
 
 def main(argv: list[str] | None = None) -> int:
