@@ -202,6 +202,10 @@ def git_commit(folder: Path) -> str:
     return done.stdout.strip() or "unknown (not a git checkout)"
 
 
+def versions(stack: dict) -> str:
+    return ", ".join(f"{name} {version}" for name, version in stack.items() if name != "renio_pl")
+
+
 def fmt(value: float) -> str:
     return "0" if value == 0 else f"{value:.1e}"
 
@@ -211,8 +215,9 @@ def markdown(rows: list[dict], meta: dict, tolerance: float) -> str:
         "# Parity with the ReNIO release's loss code",
         "",
         f"- release: `{meta['release_dir']}` at commit `{meta['release_commit']}`",
-        f"- release stack: {meta['release_versions']}",
-        f"- renio_pl: {meta['ours_versions']}; this script at commit `{meta['script_commit']}`",
+        f"- release stack: {versions(meta['release_versions'])}",
+        f"- renio_pl at commit `{meta['ours_versions']['renio_pl']}`: {versions(meta['ours_versions'])}; "
+        f"this script at commit `{meta['script_commit']}`",
         f"- command: `{meta['command']}`",
         f"- float32, CPU; tolerance {tolerance:g} on the max abs difference; temperature {TEMPERATURE}, "
         "forward KL with the per-entry clamp 0.05 (`--beta 0 --jsd_token_clip 0.05`)",
