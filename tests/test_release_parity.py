@@ -106,7 +106,7 @@ def test_fixed_rollouts_exercise_what_each_case_claims(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (RELEASE_DIR and RELEASE_PYTHON),
-                    reason="RENIO_PL_RELEASE_DIR (a ReNIO release checkout) or RENIO_PL_RELEASE_PYTHON (its venv's python) unset")
+                    reason="RENIO_PL_RELEASE_DIR (a ReNIO release checkout) or RENIO_PL_RELEASE_PYTHON unset")
 def test_parity_with_release(tmp_path):
     code = run.main(["--json", str(tmp_path / "parity.json"), "--report", str(tmp_path / "report.md")])
     verdicts = {row["case"]: row["verdict"] for row in json.loads((tmp_path / "parity.json").read_text())["cases"]}

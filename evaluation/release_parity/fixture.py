@@ -57,7 +57,9 @@ def release_flags(threshold: float, clip: float, normalization: str = "batch_mea
     return {"imp_token_threshold": threshold, "kd_clamp": clip, "weight_norm_type": normalization, "kd_sgo_tem": temperature}
 
 
-def ours_weighter(threshold: float, clip: float, normalization: str = "batch_mean", temperature: float = 1.0, **extra) -> dict:
+def ours_weighter(
+    threshold: float, clip: float, normalization: str = "batch_mean", temperature: float = 1.0, **extra
+) -> dict:
     return {"threshold": threshold, "clip": clip, "normalization": normalization, "temperature": temperature, **extra}
 
 
@@ -100,7 +102,7 @@ CASES = [
         why="the release's collator right-pads prompts to the batch's longest, so in a shorter prompt's row "
         "masked pad tokens sit between prompt and completion and, with no position_ids passed, shift the "
         "completion's rotary positions; renio_pl left-pads and numbers positions past the padding",
-        right="renio_pl is right: each completion is scored at the positions it was sampled at (the release's vLLM "
+        right="renio_pl's: each completion is scored at the positions it was sampled at (the release's vLLM "
         "sampler reads every prompt unpadded; renio_pl's position ids skip the left padding, so a row scores as if "
         "alone). In the release's layout, every row whose prompt is shorter than its micro-batch's longest has its "
         "completion shifted by the gap, for the student and for the teacher (whose prompts are right-padded too), so "
@@ -136,7 +138,9 @@ class Fixture:
         return cls(rollouts, torch.load(folder / "lora_weights.pt"))
 
 
-def layout(prompts: list[list[int]], completions: list[list[int]], prompt_side: str = "left") -> tuple[torch.Tensor, torch.Tensor, int]:
+def layout(
+    prompts: list[list[int]], completions: list[list[int]], prompt_side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(B, P + T) ids and 0/1 attention mask, and `P`.
 
     Completions are right-padded to `T`. Prompts are padded to `P` on `prompt_side`: `left` is
@@ -163,7 +167,8 @@ def completion_mask(completions: list[list[int]]) -> torch.Tensor:
 
 
 def select(rollouts: Rollouts, rows: list[int]) -> Rollouts:
-    return Rollouts(*([getattr(rollouts, f)[i] for i in rows] for f in ("student_prompts", "teacher_prompts", "completions")))
+    fields = ("student_prompts", "teacher_prompts", "completions")
+    return Rollouts(*([getattr(rollouts, f)[i] for i in rows] for f in fields))
 
 
 def save_results(results: list[dict], path: Path) -> None:

@@ -41,7 +41,8 @@ def module_for(folder: Path, case, fixture: Fixture):
     named = dict(module.student.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
     if trainable != set(fixture.lora_weights):
-        raise SystemExit(f"LoRA parameter names differ from the fixture's: {sorted(trainable ^ set(fixture.lora_weights))[:4]}")
+        differ = sorted(trainable ^ set(fixture.lora_weights))
+        raise SystemExit(f"LoRA parameter names differ from the fixture's: {differ[:4]}")
     with torch.no_grad():
         for name, value in fixture.lora_weights.items():
             named[name].copy_(value)

@@ -238,7 +238,8 @@ def markdown(rows: list[dict], meta: dict, tolerance: float) -> str:
     for row in rows:
         if "weights" in row:
             for i, (mine, theirs) in enumerate(zip(row["weights"]["ours"], row["weights"]["release"])):
-                lines.append(f"- {row['case']}, step {i + 1}: `{[round(w, 4) for w in mine]}` / `{[round(w, 4) for w in theirs]}`")
+                mine, theirs = [round(w, 4) for w in mine], [round(w, 4) for w in theirs]
+                lines.append(f"- {row['case']}, step {i + 1}: `{mine}` / `{theirs}`")
     lines += ["", "## Known differences exercised", ""]
     for row in rows:
         if row["expect"] == "differ":
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         build_fixture(folder)
         ours = run_side(args.ours_python, "ours_side.py", str(folder), str(folder / "ours.pt"))
-        theirs = run_side(args.release_python, "release_side.py", str(Path(args.release_dir).resolve()), str(folder), str(folder / "release.pt"))
+        release_dir = str(Path(args.release_dir).resolve())
+        theirs = run_side(args.release_python, "release_side.py", release_dir, str(folder), str(folder / "release.pt"))
     rows = compare(ours["cases"], theirs["cases"], args.tolerance)
     meta = {
         "release_dir": "$RENIO_PL_RELEASE_DIR", "release_commit": git_commit(Path(args.release_dir)),
