@@ -24,7 +24,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from renio_pl.cli import main
-from renio_pl.datamodule import OnPolicyDataModule
+from renio_pl.datamodule import OnPolicyDataModule, balance_shares, batch_sizes
 from renio_pl.rollouts import SamplingConfig
 from renio_pl.weighters import ReNIOWeighter, WeighterInputs
 from tests.conftest import REPO, small_fit, tiny_qwen3, tiny_tokenizer
@@ -57,6 +57,26 @@ def test_two_ranks_sample_the_one_process_round_between_them(model_dirs, prompt_
     assert len(prompts[0]) == 3 and len(prompts[1]) == 2  # 5 prompts: 3 on rank 0, 2 on rank 1
     assert not prompts[0] & prompts[1]
     assert {**ranks[0], **ranks[1]} == one  # the same prompts, and the same tokens (keyed sampling)
+
+
+# --- every rank trains the same number of batches -----------------------------------------
+def test_uneven_shares_are_dealt_again_so_every_rank_has_the_same_batches():
+    # 6 and 4 rollouts (5 prompts x 2 on 2 ranks): rank 0's last goes to rank 1; 5 each, 2 batches of <= 4
+    shares, dropped = balance_shares([list("abcdef"), list("ghij")], batch_size=4)
+    assert shares == [list("abcde"), list("ghijf")] and dropped == 0
+    # 9 rollouts on 2 ranks, batches of 2: 5 and 4 in 3 batches each
+    shares, dropped = balance_shares([list("abcdef"), list("ghi")], batch_size=2)
+    assert shares == [list("abcde"), list("ghif")] and dropped == 0
+    assert batch_sizes(5, 3, 2) == [2, 2, 1] and batch_sizes(4, 3, 2) == [2, 1, 1]
+    # three ranks, one with nothing (a refiner left all its rollouts out): 3 each
+    shares, dropped = balance_shares([list("abcdefg"), [], list("xy")], batch_size=2)
+    assert shares == [list("abc"), list("def"), list("xyg")] and dropped == 0
+    # batches of 1: 3 and 2 batches cannot be made equal without a rollout less; the surplus one is left out
+    shares, dropped = balance_shares([list("abc"), list("de")], batch_size=1)
+    assert shares == [list("ab"), list("de")] and dropped == 1
+    assert batch_sizes(6, 2, 4) == [4, 2]  # as equal shares are batched: full batches first
+    with pytest.raises(ValueError):
+        batch_sizes(2, 3, 2)
 
 
 # --- ReNIO `scope: global` over two processes ----------------------------------------------
@@ -195,7 +215,7 @@ def tied_models(tmp_path_factory, model_dirs) -> dict[str, Path]:
     return {"student": folder, "teacher": model_dirs["teacher"]}
 
 
-def fit(models, prompt_file, folder: Path, strategy: str, *extra: str) -> None:
+def fit(models, prompt_file, folder: Path, strategy: str, *extra: str, timeout: float = 600) -> None:
     """`renio-pl fit` on 2 CPU processes: 3 rounds of 4 prompts x 2 samples, 2 steps per round on each rank."""
     overlay = ["--config", str(STRATEGIES / "ddp.yaml")] if strategy == "ddp" else [
         "--config", str(STRATEGIES / "fsdp.yaml"), "--trainer.strategy.init_args.data_parallel_size", "2"]
@@ -207,8 +227,10 @@ def fit(models, prompt_file, folder: Path, strategy: str, *extra: str) -> None:
                                                      "init_args": {"step_size": 2, "gamma": 0.5}},
                "weighter": {"class_path": "renio_pl.weighters.ReNIOWeighter",
                             "init_args": {"threshold": 0.0, "normalization": "ema", "scope": "global"}}},
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    (folder / "stderr.txt").write_text(done.stderr)
 
 
 def records(folder: Path, rank: int) -> tuple[dict[int, dict], dict[int, list[int]]]:
@@ -316,3 +338,29 @@ def test_trd_once_on_two_processes_trains_on_the_one_process_refined_set(model_d
         trained[devices] = {epoch: sorted(rows) for epoch, rows in rounds.items()}
     assert all(len(rows) == 8 for rows in trained[1].values())
     assert trained[2] == trained[1]
+
+
+# Prompts a round, samples per prompt, batch size -> batches per rank a round, rollouts left out a round.
+ODD_SHAPES = {
+    "5x2_by4": (5, 2, 4, 2, 0),  # 6 and 4 rollouts: one moves, 2 batches each (hung before: 2 and 1)
+    "3x3_by2": (3, 3, 2, 3, 0),  # 6 and 3: 5 and 4 in 3 batches each, [2, 2, 1] and [2, 1, 1]
+    "5x1_by1": (5, 1, 1, 2, 1),  # 3 and 2 batches of 1: one rollout a round left out, and logged
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", sorted(ODD_SHAPES))
+def test_two_ranks_train_the_same_steps_whatever_the_round_shape(shape, tied_models, prompt_file, tmp_path):
+    prompts, n, batch_size, batches, left_out = ODD_SHAPES[shape]
+    folder = tmp_path / shape
+    fit(tied_models, prompt_file, folder, "ddp", "--data.prompts_per_epoch", str(prompts), "--data.sampling.n", str(n),
+        "--data.batch_size", str(batch_size), "--trainer.max_epochs", "2", timeout=300)  # a hang fails here
+    steps = [records(folder, rank)[0] for rank in (0, 1)]
+    assert sorted(steps[0]) == sorted(steps[1]) == list(range(2 * batches + 1))
+    for epoch in range(2):
+        rows = [row for rank in (0, 1) for step in range(epoch * batches + 1, (epoch + 1) * batches + 1)
+                for row in steps[rank][step]["tokens"]]
+        assert len(rows) == prompts * n - left_out, epoch
+    assert all(steps[0][s]["student"] == steps[1][s]["student"] for s in steps[0])
+    stderr = (folder / "stderr.txt").read_text()
+    assert (f"left out {left_out} of {prompts * n} rollouts" in stderr) == bool(left_out)
