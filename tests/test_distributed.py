@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -148,14 +152,15 @@ def test_strategy_overlays_parse_on_the_paper_configs(overlay, paper, capsys):
     parsed = ArgumentParser(exit_on_error=False)
     parsed.add_argument("--strategy", type=str | Strategy)
     value = parsed.parse_object({"strategy": strategy}).strategy
-    if isinstance(strategy, str):
-        assert printed["trainer"]["strategy"] == strategy == "ddp"
+    if strategy["class_path"].endswith("DDPStrategy"):
+        assert str(value.init_args.timeout) == "0:30:00"
     elif "DeepSpeed" in strategy["class_path"]:
         config = value.init_args.config  # a dict, handed to DeepSpeed as its config
         assert isinstance(config, dict) and config["zero_optimization"]["stage"] == int(overlay.stem[-1])
         assert config["train_micro_batch_size_per_gpu"] == 8  # Lightning would build a rollout round to read it
     else:
         assert value.init_args.data_parallel_size == 4 and value.init_args.tensor_parallel_size == 1
+        assert str(value.init_args.timeout) == "0:30:00"
 
 
 # --- 2-process fits through `renio-pl fit` -------------------------------------------------
@@ -215,22 +220,30 @@ def tied_models(tmp_path_factory, model_dirs) -> dict[str, Path]:
     return {"student": folder, "teacher": model_dirs["teacher"]}
 
 
-def fit(models, prompt_file, folder: Path, strategy: str, *extra: str, timeout: float = 600) -> None:
-    """`renio-pl fit` on 2 CPU processes: 3 rounds of 4 prompts x 2 samples, 2 steps per round on each rank."""
+def fit(models, prompt_file, folder: Path, strategy: str, *extra: str, timeout: float = 600,
+        callbacks: list[dict] = (), status: int = 0, checkpoint_every: int = 1) -> subprocess.CompletedProcess:
+    """`renio-pl fit` on 2 CPU processes: 3 rounds of 4 prompts x 2 samples, 2 steps per round on each rank.
+
+    `callbacks` follow the per-rank records; the run must exit with `status`; its stderr is kept
+    in `folder/stderr.txt`. A run past `timeout` seconds has its process group killed.
+    """
     overlay = ["--config", str(STRATEGIES / "ddp.yaml")] if strategy == "ddp" else [
         "--config", str(STRATEGIES / "fsdp.yaml"), "--trainer.strategy.init_args.data_parallel_size", "2"]
+    checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(folder / "checkpoints"), "every_n_train_steps": checkpoint_every, "save_last": True}}
+    records_callback = {"class_path": "tests.test_distributed.RankRecords", "init_args": {"folder": str(folder)}}
     done = small_fit(
-        models, prompt_file, folder,
-        [{"class_path": "tests.test_distributed.RankRecords", "init_args": {"folder": str(folder)}}], *overlay, *extra,
-        trainer={"devices": 2},
+        models, prompt_file, folder, [], *overlay, *extra,
+        trainer={"devices": 2, "callbacks": [checkpoints, records_callback, *callbacks]},
         model={"chunk_tokens": 3, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR",
                                                      "init_args": {"step_size": 2, "gamma": 0.5}},
                "weighter": {"class_path": "renio_pl.weighters.ReNIOWeighter",
                             "init_args": {"threshold": 0.0, "normalization": "ema", "scope": "global"}}},
         timeout=timeout,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     (folder / "stderr.txt").write_text(done.stderr)
+    assert done.returncode == status, done.stderr[-3000:]
+    return done
 
 
 def records(folder: Path, rank: int) -> tuple[dict[int, dict], dict[int, list[int]]]:
@@ -364,3 +377,55 @@ def test_two_ranks_train_the_same_steps_whatever_the_round_shape(shape, tied_mod
     assert all(steps[0][s]["student"] == steps[1][s]["student"] for s in steps[0])
     stderr = (folder / "stderr.txt").read_text()
     assert (f"left out {left_out} of {prompts * n} rollouts" in stderr) == bool(left_out)
+
+
+# --- SIGTERM, and a process that dies --------------------------------------------------------
+class SignalAt(pl.Callback):
+    """At the end of step `step` on rank `rank`: write the time to `folder/signal_time`, then send `signal_name`
+    to the run's whole process group (as a scheduler does) or, with `whole_group` false, to this process only."""
+
+    def __init__(self, step: int, rank: int, signal_name: str, folder: str, whole_group: bool = True) -> None:
+        self.step, self.rank, self.signal_name, self.folder, self.whole_group = step, rank, signal_name, folder, whole_group
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            (Path(self.folder) / "signal_time").write_text(str(time.time()))
+            number = getattr(signal, self.signal_name)
+            os.killpg(os.getpgid(0), number) if self.whole_group else os.kill(os.getpid(), number)
+
+
+def signal_at(folder: Path, step: int, rank: int, signal_name: str, whole_group: bool = True) -> dict:
+    return {"class_path": "tests.test_distributed.SignalAt", "init_args": {
+        "step": step, "rank": rank, "signal_name": signal_name, "folder": str(folder), "whole_group": whole_group}}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_ranks_after_the_same_step_with_a_checkpoint_that_resumes_exactly(
+        ddp_run, tied_models, prompt_file, tmp_path):
+    folder = tmp_path / "sigterm"
+    # SIGTERM to rank 1 only, mid-round 1: it tells rank 0 at the end of the step; checkpoints otherwise
+    # only every 100 steps, so last.ckpt can only be the one written on SIGTERM
+    done = fit(tied_models, prompt_file, folder, "ddp", callbacks=[signal_at(folder, 3, 1, "SIGTERM", whole_group=False)],
+               status=143, checkpoint_every=100, timeout=300)
+    stopped = time.time() - float((folder / "signal_time").read_text())  # both ranks gone: their pipes closed
+    print(f"SIGTERM to rank 1 after step 3: every process exited {stopped:.1f} s later")
+    assert stopped < 60
+    assert "SIGTERM: stopped after step 3" in done.stderr
+    for rank in (0, 1):
+        assert max(records(folder, rank)[0]) == 3, rank
+    last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert last["global_step"] == 3
+    fit(tied_models, prompt_file, folder, "ddp", "--ckpt_path", "last", checkpoint_every=100, timeout=300)
+    assert_resumed_like(folder, ddp_run, exact=True)
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_takes_the_other_down(tied_models, prompt_file, tmp_path):
+    folder = tmp_path / "killed"
+    start = time.time()
+    done = fit(tied_models, prompt_file, folder, "ddp", "--trainer.strategy.init_args.timeout", "0:01:00",
+               callbacks=[signal_at(folder, 3, 1, "SIGKILL", whole_group=False)], status=1, timeout=300)
+    waited = time.time() - float((folder / "signal_time").read_text())
+    print(f"rank 1 killed after step 3: rank 0 exited {waited:.1f} s later (run: {time.time() - start:.0f} s)")
+    assert waited < 90
+    assert max(records(folder, 0)[0]) <= 4
