@@ -21,7 +21,7 @@ from renio_pl.datamodule import OnPolicyDataModule
 from renio_pl.errors import ConfigError, TrainingDiverged
 from renio_pl.losses import Loss
 from renio_pl.module import DistillationModule
-from renio_pl.preemption import SIGTERM_EXIT_STATUS, StopOnSigterm
+from renio_pl.preemption import SIGTERM_EXIT_STATUS, StopTogether
 from renio_pl.rollouts import RolloutGenerator
 from renio_pl.weighters import Weighter
 
@@ -98,12 +98,12 @@ def run_cli(
 ) -> None:
     """Run a `RenioCLI` over the given classes; a `ConfigError` exits 2 and a divergence exits 1, in one line.
 
-    Every trainer gets `StopOnSigterm`: after SIGTERM the run writes `last.ckpt` and exits 143.
+    Every trainer gets `StopTogether`: after SIGTERM the run writes `last.ckpt` and exits 143.
     """
     try:
         RenioCLI(
             model_class, datamodule_class, save_config_kwargs={"overwrite": True}, parser_class=parser_class, args=args,
-            trainer_defaults={"callbacks": [StopOnSigterm()]},
+            trainer_defaults={"callbacks": [StopTogether()]},
         )
     except SIGTERMException:
         raise SystemExit(SIGTERM_EXIT_STATUS) from None

@@ -1,6 +1,7 @@
-"""SIGTERM (a cluster scheduler's warning before it preempts a job): every process stops, with a checkpoint.
+"""Every process of a run stops together: on SIGTERM with a checkpoint, on a failure without leftovers.
 
-`renio-pl fit` adds `StopOnSigterm` to every trainer. On SIGTERM, to any process of the run,
+`renio-pl fit` adds `StopTogether` to every trainer. On SIGTERM (a cluster scheduler's warning
+before it preempts a job), to any process of the run,
 each process finishes the optimizer step in progress, the run writes `last.ckpt` (in the
 checkpoint callback's folder, else `<default_root_dir>/checkpoints`), and every process exits
 with status 143 (128 + SIGTERM). `--ckpt_path last` resumes from it to the tokens, losses and
@@ -13,6 +14,10 @@ handler only takes note (and forwards the signal to the processes Lightning laun
 Lightning does); the processes agree at the end of every training step, in one collective
 they all reach, and all set Lightning's `received_sigterm` there, so Lightning's loops stop
 them after the same step (`SIGTERMException`).
+
+When a process fails (an error, or a collective past the strategy's `timeout` because another
+process died or hangs), the processes Lightning launched from it are killed rather than left
+waiting; a process that dies is seen by the others at their next collective.
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ from types import FrameType
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["StopOnSigterm", "SIGTERM_EXIT_STATUS"]
+__all__ = ["StopTogether", "SIGTERM_EXIT_STATUS"]
 
 SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
 
 
-class StopOnSigterm(pl.Callback):
-    """Stops every process after the same training step once any of them got SIGTERM, with `last.ckpt` written."""
+class StopTogether(pl.Callback):
+    """Stops every process after the same training step once any of them got SIGTERM, with `last.ckpt` written;
+    kills the processes this one launched when it fails."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -60,6 +67,12 @@ class StopOnSigterm(pl.Callback):
             "resume with --ckpt_path last"
         )
         trainer._signal_connector.received_sigterm = True  # Lightning's loops stop every process after this step
+
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) or trainer.strategy.launcher is None:
+            return  # a stop on SIGTERM is orderly: every process saves and exits by itself
+        trainer.strategy.launcher.kill(signal.SIGKILL)  # Lightning does so only on Ctrl-C
 
 
 def checkpoint_folder(trainer: pl.Trainer) -> Path:
