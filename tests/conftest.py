@@ -11,6 +11,7 @@ import signal
 import string
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def small_fit(models: dict[str, Path], prompt_file: Path, folder: Path, callbacks: list[dict], *extra: str,
               trainer: dict | None = None, model: dict | None = None, data: dict | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess:
+              timeout: float = 600, launch: Callable[[list[str]], subprocess.CompletedProcess] | None = None
+              ) -> subprocess.CompletedProcess:
     """`renio-pl fit` in a subprocess on the tiny models: 3 rounds of 4 prompts x 2 samples, batches of 2.
 
     ReNIO (threshold 0, ema) and AdamW lr 0.01 with a StepLR; `trainer`, `model` and `data`
     entries override the config's, `callbacks` follow a checkpoint every step (`folder/checkpoints`).
+    The run's process group is killed past `timeout` seconds; `launch`, given the module and
+    arguments (`renio_pl.cli fit ...`), runs them its own way instead (e.g. under torchrun).
     """
     config = {
         "seed_everything": 3,
@@ -82,9 +86,10 @@ def small_fit(models: dict[str, Path], prompt_file: Path, folder: Path, callback
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "run.yaml").write_text(json.dumps(config))
-    return run_in_own_group(
-        [sys.executable, "-m", "renio_pl.cli", "fit", "--config", str(folder / "run.yaml"), *extra], timeout
-    )
+    command = ["renio_pl.cli", "fit", "--config", str(folder / "run.yaml"), *extra]
+    if launch is not None:
+        return launch(command)
+    return run_in_own_group([sys.executable, "-m", *command], timeout)
 
 
 def run_in_own_group(command: list[str], timeout: float) -> subprocess.CompletedProcess:

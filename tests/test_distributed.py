@@ -11,8 +11,11 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -31,7 +34,7 @@ from renio_pl.cli import main
 from renio_pl.datamodule import OnPolicyDataModule, balance_shares, batch_sizes
 from renio_pl.rollouts import SamplingConfig
 from renio_pl.weighters import ReNIOWeighter, WeighterInputs
-from tests.conftest import REPO, small_fit, tiny_qwen3, tiny_tokenizer
+from tests.conftest import REPO, run_in_own_group, small_fit, tiny_qwen3, tiny_tokenizer
 
 STRATEGIES = REPO / "configs" / "strategies"
 PAPER = REPO / "configs" / "paper"
@@ -221,11 +224,13 @@ def tied_models(tmp_path_factory, model_dirs) -> dict[str, Path]:
 
 
 def fit(models, prompt_file, folder: Path, strategy: str, *extra: str, timeout: float = 600,
-        callbacks: list[dict] = (), status: int = 0, checkpoint_every: int = 1) -> subprocess.CompletedProcess:
+        callbacks: list[dict] = (), status: int = 0, checkpoint_every: int = 1, launch=None,
+        trainer: dict | None = None) -> subprocess.CompletedProcess:
     """`renio-pl fit` on 2 CPU processes: 3 rounds of 4 prompts x 2 samples, 2 steps per round on each rank.
 
     `callbacks` follow the per-rank records; the run must exit with `status`; its stderr is kept
-    in `folder/stderr.txt`. A run past `timeout` seconds has its process group killed.
+    in `folder/stderr.txt`. A run past `timeout` seconds has its process group killed. `launch`
+    and `trainer` (entries over `devices: 2`) go to `small_fit`.
     """
     overlay = ["--config", str(STRATEGIES / "ddp.yaml")] if strategy == "ddp" else [
         "--config", str(STRATEGIES / "fsdp.yaml"), "--trainer.strategy.init_args.data_parallel_size", "2"]
@@ -234,12 +239,12 @@ def fit(models, prompt_file, folder: Path, strategy: str, *extra: str, timeout: 
     records_callback = {"class_path": "tests.test_distributed.RankRecords", "init_args": {"folder": str(folder)}}
     done = small_fit(
         models, prompt_file, folder, [], *overlay, *extra,
-        trainer={"devices": 2, "callbacks": [checkpoints, records_callback, *callbacks]},
+        trainer={"devices": 2, "callbacks": [checkpoints, records_callback, *callbacks], **(trainer or {})},
         model={"chunk_tokens": 3, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR",
                                                      "init_args": {"step_size": 2, "gamma": 0.5}},
                "weighter": {"class_path": "renio_pl.weighters.ReNIOWeighter",
                             "init_args": {"threshold": 0.0, "normalization": "ema", "scope": "global"}}},
-        timeout=timeout,
+        timeout=timeout, launch=launch,
     )
     (folder / "stderr.txt").write_text(done.stderr)
     assert done.returncode == status, done.stderr[-3000:]
@@ -432,3 +437,28 @@ def test_a_rank_that_dies_or_hangs_takes_the_other_down(fault, tied_models, prom
     print(f"rank 1 {fault} after step 3: every process exited {waited:.1f} s later (run: {time.time() - start:.0f} s)")
     assert waited < (60 if fault == "SIGKILL" else 20 + 60)
     assert max(records(folder, 0)[0]) <= 4
+
+
+# --- two nodes of one process each (torchrun on this machine) -------------------------------
+def two_nodes(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nnodes 2 --nproc-per-node 1` once per node (node ranks 0 and 1) on localhost, at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    def node(rank: int) -> subprocess.CompletedProcess:
+        return run_in_own_group([
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", *command,
+        ], timeout)
+    with ThreadPoolExecutor(2) as pool:
+        nodes = list(pool.map(node, (0, 1)))
+    failed = [n for n in nodes if n.returncode != 0]
+    return failed[0] if failed else nodes[0]
+
+
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_train_as_two_processes_of_one_node(ddp_run, tied_models, prompt_file, tmp_path):
+    folder = tmp_path / "nodes"
+    fit(tied_models, prompt_file, folder, "ddp", launch=two_nodes, trainer={"devices": 1, "num_nodes": 2})
+    for rank in (0, 1):  # the same shares, tokens, losses and weights, rank by rank
+        assert records(folder, rank) == records(ddp_run, rank), rank
