@@ -211,6 +211,23 @@ class RankRecords(pl.Callback):
         }, self.folder / f"final.rank{trainer.global_rank}.pt")
 
 
+class RoundRecords(pl.Callback):
+    """Per rank, at each round's start: its rollouts' tokens by (prompt, sample), and the student's digest;
+    rank 0 also saves the student's weights of that round's start (`student.round<epoch>.pt`)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        state = full_state(pl_module.student)
+        rollouts = [[r.prompt_index, r.sample_index, r.completion_ids] for r in trainer.datamodule._round]
+        record = {"epoch": trainer.current_epoch, "student": digest(state), "rollouts": rollouts}
+        with (self.folder / f"rounds.rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if trainer.global_rank == 0:
+            torch.save(state, self.folder / f"student.round{trainer.current_epoch}.pt")
+
+
 @pytest.fixture(scope="module")
 def tied_models(tmp_path_factory, model_dirs) -> dict[str, Path]:
     """A student whose output head is tied to its embedding (Qwen3-1.7B's layout), and the untied teacher."""
@@ -229,7 +246,7 @@ def fit(models, prompt_file, folder: Path, strategy: str, *extra: str, timeout: 
     """`renio-pl fit` on 2 CPU processes: 3 rounds of 4 prompts x 2 samples, 2 steps per round on each rank.
 
     `callbacks` follow the per-rank records; the run must exit with `status`; its stderr is kept
-    in `folder/stderr.txt`. A run past `timeout` seconds has its process group killed. `launch`
+    in `folder/stderr.txt` (its stdout in `stdout.txt`). A run past `timeout` seconds has its process group killed. `launch`
     and `trainer` (entries over `devices: 2`) go to `small_fit`.
     """
     overlay = ["--config", str(STRATEGIES / "ddp.yaml")] if strategy == "ddp" else [
@@ -247,6 +264,7 @@ def fit(models, prompt_file, folder: Path, strategy: str, *extra: str, timeout: 
         timeout=timeout, launch=launch,
     )
     (folder / "stderr.txt").write_text(done.stderr)
+    (folder / "stdout.txt").write_text(done.stdout)
     assert done.returncode == status, done.stderr[-3000:]
     return done
 
