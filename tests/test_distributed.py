@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,12 +27,14 @@ import torch.multiprocessing as mp
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import Strategy
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from renio_pl.cli import main
 from renio_pl.datamodule import OnPolicyDataModule, balance_shares, batch_sizes
+from renio_pl.parallel import shard_student
 from renio_pl.rollouts import SamplingConfig
 from renio_pl.weighters import ReNIOWeighter, WeighterInputs
 from tests.conftest import REPO, run_in_own_group, small_fit, tiny_qwen3, tiny_tokenizer
@@ -84,6 +87,29 @@ def test_uneven_shares_are_dealt_again_so_every_rank_has_the_same_batches():
     assert batch_sizes(6, 2, 4) == [4, 2]  # as equal shares are batched: full batches first
     with pytest.raises(ValueError):
         batch_sizes(2, 3, 2)
+
+
+# --- sampling through an FSDP2 student --------------------------------------------------------
+def _fsdp_generate_worker(rank: int, init_file: str, student: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    model = AutoModelForCausalLM.from_pretrained(student)
+    shard_student(model, init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel")))
+    prompt = torch.tensor([[5, 6, 7]])
+    new_tokens = 2 if rank == 0 else 6  # rank 0's sequences end first
+    output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    torch.save(output[0, 3:].tolist(), f"{out}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_rank_whose_sequences_end_first_keeps_decoding_with_the_other_under_fsdp(model_dirs, tmp_path):
+    """Without `synced_gpus` rank 0 would leave `generate` after 2 steps while rank 1's third step
+    waits for it in an all-gather (until the 60 s timeout); both finish, each with its own length."""
+    mp.spawn(_fsdp_generate_worker, args=(str(tmp_path / "init"), str(model_dirs["student"]), str(tmp_path / "out")),
+             nprocs=2)
+    lengths = [len(torch.load(tmp_path / f"out.rank{rank}.pt")) for rank in (0, 1)]
+    assert lengths == [2, 6]
 
 
 # --- ReNIO `scope: global` over two processes ----------------------------------------------
