@@ -15,11 +15,13 @@ from typing import NoReturn
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from renio_pl.datamodule import OnPolicyDataModule
 from renio_pl.errors import ConfigError, TrainingDiverged
 from renio_pl.losses import Loss
 from renio_pl.module import DistillationModule
+from renio_pl.preemption import SIGTERM_EXIT_STATUS, StopTogether
 from renio_pl.rollouts import RolloutGenerator
 from renio_pl.weighters import Weighter
 
@@ -94,11 +96,17 @@ def run_cli(
     model_class: type[pl.LightningModule], datamodule_class: type[pl.LightningDataModule],
     parser_class: type[RenioArgumentParser], args: list[str] | None,
 ) -> None:
-    """Run a `RenioCLI` over the given classes; a `ConfigError` exits 2 and a divergence exits 1, in one line."""
+    """Run a `RenioCLI` over the given classes; a `ConfigError` exits 2 and a divergence exits 1, in one line.
+
+    Every trainer gets `StopTogether`: after SIGTERM the run writes `last.ckpt` and exits 143.
+    """
     try:
         RenioCLI(
-            model_class, datamodule_class, save_config_kwargs={"overwrite": True}, parser_class=parser_class, args=args
+            model_class, datamodule_class, save_config_kwargs={"overwrite": True}, parser_class=parser_class, args=args,
+            trainer_defaults={"callbacks": [StopTogether()]},
         )
+    except SIGTERMException:
+        raise SystemExit(SIGTERM_EXIT_STATUS) from None
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(2) from None

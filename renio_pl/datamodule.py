@@ -7,7 +7,9 @@ for the held-out prompts with the evaluation sampling settings, and `test_datalo
 `predict_dataloader()` for each benchmark in `test_sets`. Set
 `trainer.reload_dataloaders_every_n_epochs: 1` (the shipped configs do) so the training
 rounds regenerate. With several processes each rank generates the rollouts of its own share
-of the prompts. With `solution_field` set the data module serves OPSD: each training rollout
+of the prompts; the shares are then evened out (`balance_shares`) so that every rank trains
+the same number of batches each round, whatever the prompt count, `n`, batch size or the
+refiner's drops. With `solution_field` set the data module serves OPSD: each training rollout
 also carries the teacher's privileged prompt (the problem with its reference solution, through
 `teacher_prompt_format`), and the teacher scores the same completion tokens after it. With a
 `refiner` (TRD, `renio_pl.refinement`) each training rollout is rewritten whole by the teacher
@@ -19,6 +21,7 @@ Every sample's randomness is keyed by (seed, round, prompt, sample)
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -30,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from jsonargparse import lazy_instance
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from renio_pl.errors import ConfigError
@@ -42,7 +45,7 @@ from renio_pl.refinement import Refiner, refinement_counts, refinement_metrics
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key
 
-__all__ = ["EvalSet", "OnPolicyDataModule"]
+__all__ = ["EvalSet", "OnPolicyDataModule", "balance_shares", "batch_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +192,22 @@ class OnPolicyDataModule(pl.LightningDataModule):
         self.test_rows: dict[str, tuple[list[PromptRow], list[list[int]]]] = {}
         self.test_verifiers = {s.name: s.verifier for s in self.test_sets}
         self.dropped_prompts = 0
+        self.dropped_rollouts = 0  # training rollouts left out to give every rank the same batches
         self._round: list[Rollout] = []  # this rank's rollouts of round `_round_epoch`
         self._round_epoch: int | None = None
+        self._round_longest = 0  # the most rollouts any rank has in the current round
         self._refined: dict[int, list[Rollout]] | None = None  # a `once` refiner's rollouts, by prompt index
 
     def setup(self, stage: str) -> None:
         own_fields = (self.prompt_field, self.answer_field, self.split, self.answer_after or None)
         if stage == "fit" and self.train_path is None:
             raise ConfigError("fit needs training prompts: set data.train_path to a .jsonl / .parquet file or a hub id")
+        world = self._rank()[1]
+        if stage == "fit" and self.prompts_per_epoch < world:
+            raise ConfigError(
+                f"data.prompts_per_epoch={self.prompts_per_epoch} is under the {world} processes: each process "
+                f"samples at least one prompt a round; set it to {world} or more"
+            )
         module = getattr(self.trainer, "lightning_module", None)
         if stage == "fit" and self.refiner is not None and module is not None:
             self.refiner.check_model(module, self.engine)
@@ -405,12 +416,54 @@ class OnPolicyDataModule(pl.LightningDataModule):
         epoch = self.trainer.current_epoch
         rank, _ = self._rank()
         if self._round_epoch != epoch:
-            self._round, self._round_epoch = self.sample_round(epoch), epoch
+            self._round, self._round_epoch = self._even_out(self.sample_round(epoch)), epoch
         order = torch.Generator().manual_seed(stream_key(self.seed, epoch, rank))
+        shuffled = [self._round[i] for i in torch.randperm(len(self._round), generator=order).tolist()]
+        sizes = batch_sizes(len(shuffled), self._round_batches, self.batch_size)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        batches = [shuffled[start : start + size] for start, size in zip(starts, sizes)]
         return _RoundLoader(
-            self._batches_done, self._round, batch_size=self.batch_size, sampler=_OwnShare(self._round, order),
-            collate_fn=self._collate,
+            self._batches_done, batches, batch_size=None, sampler=_OwnShare(batches), collate_fn=self._collate,
         )
+
+    def _even_out(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """This rank's rollouts after `balance_shares` over every rank (one collective; two when shares differ).
+
+        Logs the rollouts moved (info) and dropped (a warning, and `data/dropped_rollouts`, the run's total).
+        """
+        rank, world = self._rank()
+        self._round_longest = len(rollouts)
+        if world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return rollouts
+        counts = [None] * world
+        dist.all_gather_object(counts, len(rollouts))
+        if len(set(counts)) == 1:
+            return rollouts
+        shares = [None] * world
+        dist.all_gather_object(shares, rollouts)
+        balanced, dropped = balance_shares(shares, self.batch_size)
+        self._round_longest = max(map(len, balanced))
+        moved = sum(max(count - len(share), 0) for count, share in zip(counts, balanced)) - dropped
+        epoch = self.trainer.current_epoch
+        rank_zero_info(
+            f"round {epoch}: the processes sampled {counts} rollouts; {moved} moved so that each trains "
+            f"{self._round_batches} batches"
+        )
+        if dropped:
+            self.dropped_rollouts += dropped
+            rank_zero_warn(
+                f"round {epoch}: left out {dropped} of {sum(counts)} rollouts so that every process trains the same "
+                f"number of batches of at most data.batch_size={self.batch_size} (a multiple of the "
+                f"{world} processes avoids it)"
+            )
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"data/dropped_rollouts": float(self.dropped_rollouts)}, step=self.trainer.global_step)
+        return balanced[rank]
+
+    @property
+    def _round_batches(self) -> int:
+        """Batches every rank trains in the current round: its longest share over `batch_size`."""
+        return math.ceil(self._round_longest / self.batch_size)
 
     def _batches_done(self) -> int:
         """Training batches of the current epoch done so far (read from the fit loop's progress)."""
@@ -444,6 +497,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
                 "resume with the same number of processes or from an end-of-epoch checkpoint"
             )
         self._round_epoch, self._round = state["epoch"], [Rollout(**r) for r in state["rounds"][rank]]
+        self._round_longest = max(len(share) for share in state["rounds"])
         if "refined" in state:
             self._refined = _by_prompt([Rollout(**r) for r in state["refined"]])
 
@@ -481,6 +535,55 @@ class OnPolicyDataModule(pl.LightningDataModule):
         return collate_rollouts(rollouts, self.tokenizer.pad_token_id)
 
 
+def balance_shares(shares: list[list[Rollout]], batch_size: int) -> tuple[list[list[Rollout]], int]:
+    """Every rank's rollouts of a round, dealt again so that all ranks train the same number of batches.
+
+    Shares are evened to sizes that differ by at most one (rank `r` keeps `q + 1` when `r` is under
+    the remainder of `R / world`, else `q`): a rank over its size hands its last rollouts on, in rank
+    order, to the ranks under theirs. Every rank then trains `ceil((q + 1) / batch_size)` batches
+    (`batch_sizes`), a `q`-rollout share in smaller ones. Only when a `q`-rollout share cannot fill
+    that many batches (`batch_size` 1, or fewer rollouts than ranks) is the remainder left out: the
+    last rollout of each `q + 1` share.
+
+    Args:
+        shares: per rank, its rollouts of the round (the same lists on every rank).
+        batch_size: the most rollouts in a batch (`data.batch_size`).
+    Returns:
+        The new shares (rank-ordered), and how many rollouts were left out.
+    """
+    world, total = len(shares), sum(map(len, shares))
+    base, remainder = divmod(total, world)
+    sizes = [base + (rank < remainder) for rank in range(world)]
+    spare = [r for share, size in zip(shares, sizes) for r in share[size:]]
+    balanced = []
+    for share, size in zip(shares, sizes):
+        kept = share[:size]
+        taken, spare = spare[: size - len(kept)], spare[size - len(kept):]
+        balanced.append(kept + taken)
+    dropped = 0
+    if remainder and base < math.ceil((base + 1) / batch_size):
+        balanced = [share[:base] for share in balanced]
+        dropped = remainder
+    return balanced, dropped
+
+
+def batch_sizes(rollouts: int, batches: int, batch_size: int) -> list[int]:
+    """Sizes of `batches` non-empty batches of `rollouts`: full batches of `batch_size` first.
+
+    `batches` is `ceil(longest share / batch_size)` (`balance_shares`), so a share as long as the
+    longest is batched as usual, and a shorter one ends in smaller batches: in 3 batches of at most
+    2, 5 rollouts give [2, 2, 1] and 4 give [2, 1, 1].
+    """
+    if not batches <= rollouts <= batches * batch_size:
+        raise ValueError(f"{rollouts} rollouts do not fill {batches} batches of 1 to {batch_size}")
+    sizes, left = [], rollouts
+    for i in range(batches):
+        size = min(batch_size, left - (batches - i - 1))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
 def _by_prompt(rollouts: list[Rollout]) -> dict[int, list[Rollout]]:
     """Rollouts grouped by `prompt_index`, each group in the given order."""
     groups: dict[int, list[Rollout]] = {}
@@ -490,19 +593,15 @@ def _by_prompt(rollouts: list[Rollout]) -> dict[int, list[Rollout]]:
 
 
 class _OwnShare(DistributedSampler):
-    """This rank's rollouts in a seeded random order (that of `shuffle=True` with `generator`).
+    """This rank's batches, in order.
 
     A `DistributedSampler` of one replica in name only: Lightning splits a training loader's data
-    between the processes unless its sampler is distributed, and `sample_round` already took
-    this rank's share of the round; split again, each rank would train on half of its rollouts.
+    between the processes unless its sampler is distributed, and `train_dataloader` already took
+    this rank's share of the round; split again, each rank would train on half of its batches.
     """
 
-    def __init__(self, rollouts: list[Rollout], generator: torch.Generator) -> None:
-        super().__init__(rollouts, num_replicas=1, rank=0, shuffle=False)
-        self.generator = generator
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(torch.randperm(len(self.dataset), generator=self.generator).tolist())
+    def __init__(self, batches: list[list[Rollout]]) -> None:
+        super().__init__(batches, num_replicas=1, rank=0, shuffle=False)
 
 
 class _RoundLoader(DataLoader):

@@ -9,6 +9,11 @@ whose modules run apart like this. Its root, though, is fixed by the first forwa
 forward of the whole student on a single token makes it the student, so either scoring or
 generation may come first (a run resumed mid-round scores before it generates).
 
+Sampling through the sharded student gathers each group at every decoding step, a collective:
+the student is marked as FSDP-managed for `transformers`, whose `generate` then runs with
+`synced_gpus` and keeps a process whose sequences have all ended decoding (its output unused)
+until every process's have, instead of leaving the others waiting in their all-gathers.
+
 The teacher is not sharded. It is not a child of the module, so each process holds a full
 frozen copy, outside the optimizer and the checkpoint, as under DDP.
 """
@@ -51,6 +56,8 @@ def shard_student(student: torch.nn.Module, device_mesh: DeviceMesh) -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard([decoder, student.get_output_embeddings()], mesh=mesh)
     fully_shard(student, mesh=mesh)
+    for model in {student, getattr(student, "get_base_model", lambda: student)()}:
+        model._is_fsdp_managed_module = True  # transformers' `generate`: synced_gpus under FSDP2
     device = next(student.parameters()).device
     with torch.no_grad():
         student(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))

@@ -7,9 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import reads it
 
 import json  # noqa: E402
+import signal
 import string
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,12 +47,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def small_fit(models: dict[str, Path], prompt_file: Path, folder: Path, callbacks: list[dict], *extra: str,
-              trainer: dict | None = None, model: dict | None = None, data: dict | None = None
+              trainer: dict | None = None, model: dict | None = None, data: dict | None = None,
+              timeout: float = 600, launch: Callable[[list[str]], subprocess.CompletedProcess] | None = None
               ) -> subprocess.CompletedProcess:
     """`renio-pl fit` in a subprocess on the tiny models: 3 rounds of 4 prompts x 2 samples, batches of 2.
 
     ReNIO (threshold 0, ema) and AdamW lr 0.01 with a StepLR; `trainer`, `model` and `data`
     entries override the config's, `callbacks` follow a checkpoint every step (`folder/checkpoints`).
+    The run's process group is killed past `timeout` seconds; `launch`, given the module and
+    arguments (`renio_pl.cli fit ...`), runs them its own way instead (e.g. under torchrun).
     """
     config = {
         "seed_everything": 3,
@@ -81,11 +86,26 @@ def small_fit(models: dict[str, Path], prompt_file: Path, folder: Path, callback
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "run.yaml").write_text(json.dumps(config))
-    return subprocess.run(
-        [sys.executable, "-m", "renio_pl.cli", "fit", "--config", str(folder / "run.yaml"), *extra],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=600,
+    command = ["renio_pl.cli", "fit", "--config", str(folder / "run.yaml"), *extra]
+    if launch is not None:
+        return launch(command)
+    return run_in_own_group([sys.executable, "-m", *command], timeout)
+
+
+def run_in_own_group(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `command` from the repo in a new session; past `timeout` seconds kill its whole process group
+    (the ranks a launcher started too) and raise `subprocess.TimeoutExpired`."""
+    process = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def save_model(folder: Path, seed: int, **kwargs) -> Path:

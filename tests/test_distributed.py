@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,15 +27,17 @@ import torch.multiprocessing as mp
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import Strategy
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from renio_pl.cli import main
-from renio_pl.datamodule import OnPolicyDataModule
+from renio_pl.datamodule import OnPolicyDataModule, balance_shares, batch_sizes
+from renio_pl.parallel import shard_student
 from renio_pl.rollouts import SamplingConfig
 from renio_pl.weighters import ReNIOWeighter, WeighterInputs
-from tests.conftest import REPO, small_fit, tiny_qwen3, tiny_tokenizer
+from tests.conftest import REPO, run_in_own_group, small_fit, tiny_qwen3, tiny_tokenizer
 
 STRATEGIES = REPO / "configs" / "strategies"
 PAPER = REPO / "configs" / "paper"
@@ -57,6 +67,49 @@ def test_two_ranks_sample_the_one_process_round_between_them(model_dirs, prompt_
     assert len(prompts[0]) == 3 and len(prompts[1]) == 2  # 5 prompts: 3 on rank 0, 2 on rank 1
     assert not prompts[0] & prompts[1]
     assert {**ranks[0], **ranks[1]} == one  # the same prompts, and the same tokens (keyed sampling)
+
+
+# --- every rank trains the same number of batches -----------------------------------------
+def test_uneven_shares_are_dealt_again_so_every_rank_has_the_same_batches():
+    # 6 and 4 rollouts (5 prompts x 2 on 2 ranks): rank 0's last goes to rank 1; 5 each, 2 batches of <= 4
+    shares, dropped = balance_shares([list("abcdef"), list("ghij")], batch_size=4)
+    assert shares == [list("abcde"), list("ghijf")] and dropped == 0
+    # 9 rollouts on 2 ranks, batches of 2: 5 and 4 in 3 batches each
+    shares, dropped = balance_shares([list("abcdef"), list("ghi")], batch_size=2)
+    assert shares == [list("abcde"), list("ghif")] and dropped == 0
+    assert batch_sizes(5, 3, 2) == [2, 2, 1] and batch_sizes(4, 3, 2) == [2, 1, 1]
+    # three ranks, one with nothing (a refiner left all its rollouts out): 3 each
+    shares, dropped = balance_shares([list("abcdefg"), [], list("xy")], batch_size=2)
+    assert shares == [list("abc"), list("def"), list("xyg")] and dropped == 0
+    # batches of 1: 3 and 2 batches cannot be made equal without a rollout less; the surplus one is left out
+    shares, dropped = balance_shares([list("abc"), list("de")], batch_size=1)
+    assert shares == [list("ab"), list("de")] and dropped == 1
+    assert batch_sizes(6, 2, 4) == [4, 2]  # as equal shares are batched: full batches first
+    with pytest.raises(ValueError):
+        batch_sizes(2, 3, 2)
+
+
+# --- sampling through an FSDP2 student --------------------------------------------------------
+def _fsdp_generate_worker(rank: int, init_file: str, student: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    model = AutoModelForCausalLM.from_pretrained(student)
+    shard_student(model, init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel")))
+    prompt = torch.tensor([[5, 6, 7]])
+    new_tokens = 2 if rank == 0 else 6  # rank 0's sequences end first
+    output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    torch.save(output[0, 3:].tolist(), f"{out}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_rank_whose_sequences_end_first_keeps_decoding_with_the_other_under_fsdp(model_dirs, tmp_path):
+    """Without `synced_gpus` rank 0 would leave `generate` after 2 steps while rank 1's third step
+    waits for it in an all-gather (until the 60 s timeout); both finish, each with its own length."""
+    mp.spawn(_fsdp_generate_worker, args=(str(tmp_path / "init"), str(model_dirs["student"]), str(tmp_path / "out")),
+             nprocs=2)
+    lengths = [len(torch.load(tmp_path / f"out.rank{rank}.pt")) for rank in (0, 1)]
+    assert lengths == [2, 6]
 
 
 # --- ReNIO `scope: global` over two processes ----------------------------------------------
@@ -128,14 +181,15 @@ def test_strategy_overlays_parse_on_the_paper_configs(overlay, paper, capsys):
     parsed = ArgumentParser(exit_on_error=False)
     parsed.add_argument("--strategy", type=str | Strategy)
     value = parsed.parse_object({"strategy": strategy}).strategy
-    if isinstance(strategy, str):
-        assert printed["trainer"]["strategy"] == strategy == "ddp"
+    if strategy["class_path"].endswith("DDPStrategy"):
+        assert str(value.init_args.timeout) == "0:30:00"
     elif "DeepSpeed" in strategy["class_path"]:
         config = value.init_args.config  # a dict, handed to DeepSpeed as its config
         assert isinstance(config, dict) and config["zero_optimization"]["stage"] == int(overlay.stem[-1])
         assert config["train_micro_batch_size_per_gpu"] == 8  # Lightning would build a rollout round to read it
     else:
         assert value.init_args.data_parallel_size == 4 and value.init_args.tensor_parallel_size == 1
+        assert str(value.init_args.timeout) == "0:30:00"
 
 
 # --- 2-process fits through `renio-pl fit` -------------------------------------------------
@@ -174,6 +228,9 @@ class RankRecords(pl.Callback):
         })
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if not pl_module._frozen:  # OPSD of a LoRA student: its base weights teach, no frozen teacher
+            torch.save({"student": full_state(pl_module.student)}, self.folder / f"final.rank{trainer.global_rank}.pt")
+            return
         optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
         teacher = pl_module.teacher
         torch.save({
@@ -181,6 +238,23 @@ class RankRecords(pl.Callback):
             "teacher_in_optimizer": any(id(p) in optimized for p in teacher.parameters()),
             "teacher_trainable": any(p.requires_grad for p in teacher.parameters()), "teacher_training": teacher.training,
         }, self.folder / f"final.rank{trainer.global_rank}.pt")
+
+
+class RoundRecords(pl.Callback):
+    """Per rank, at each round's start: its rollouts' tokens by (prompt, sample), and the student's digest;
+    rank 0 also saves the student's weights of that round's start (`student.round<epoch>.pt`)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        state = full_state(pl_module.student)
+        rollouts = [[r.prompt_index, r.sample_index, r.completion_ids] for r in trainer.datamodule._round]
+        record = {"epoch": trainer.current_epoch, "student": digest(state), "rollouts": rollouts}
+        with (self.folder / f"rounds.rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if trainer.global_rank == 0:
+            torch.save(state, self.folder / f"student.round{trainer.current_epoch}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -195,20 +269,33 @@ def tied_models(tmp_path_factory, model_dirs) -> dict[str, Path]:
     return {"student": folder, "teacher": model_dirs["teacher"]}
 
 
-def fit(models, prompt_file, folder: Path, strategy: str, *extra: str) -> None:
-    """`renio-pl fit` on 2 CPU processes: 3 rounds of 4 prompts x 2 samples, 2 steps per round on each rank."""
+def fit(models, prompt_file, folder: Path, strategy: str, *extra: str, timeout: float = 600,
+        callbacks: list[dict] = (), status: int = 0, checkpoint_every: int = 1, launch=None,
+        trainer: dict | None = None) -> subprocess.CompletedProcess:
+    """`renio-pl fit` on 2 CPU processes: 3 rounds of 4 prompts x 2 samples, 2 steps per round on each rank.
+
+    `callbacks` follow the per-rank records; the run must exit with `status`; its stderr is kept
+    in `folder/stderr.txt` (its stdout in `stdout.txt`). A run past `timeout` seconds has its process group killed. `launch`
+    and `trainer` (entries over `devices: 2`) go to `small_fit`.
+    """
     overlay = ["--config", str(STRATEGIES / "ddp.yaml")] if strategy == "ddp" else [
         "--config", str(STRATEGIES / "fsdp.yaml"), "--trainer.strategy.init_args.data_parallel_size", "2"]
+    checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(folder / "checkpoints"), "every_n_train_steps": checkpoint_every, "save_last": True}}
+    records_callback = {"class_path": "tests.test_distributed.RankRecords", "init_args": {"folder": str(folder)}}
     done = small_fit(
-        models, prompt_file, folder,
-        [{"class_path": "tests.test_distributed.RankRecords", "init_args": {"folder": str(folder)}}], *overlay, *extra,
-        trainer={"devices": 2},
+        models, prompt_file, folder, [], *overlay, *extra,
+        trainer={"devices": 2, "callbacks": [checkpoints, records_callback, *callbacks], **(trainer or {})},
         model={"chunk_tokens": 3, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR",
                                                      "init_args": {"step_size": 2, "gamma": 0.5}},
                "weighter": {"class_path": "renio_pl.weighters.ReNIOWeighter",
                             "init_args": {"threshold": 0.0, "normalization": "ema", "scope": "global"}}},
+        timeout=timeout, launch=launch,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    (folder / "stderr.txt").write_text(done.stderr)
+    (folder / "stdout.txt").write_text(done.stdout)
+    assert done.returncode == status, done.stderr[-3000:]
+    return done
 
 
 def records(folder: Path, rank: int) -> tuple[dict[int, dict], dict[int, list[int]]]:
@@ -316,3 +403,109 @@ def test_trd_once_on_two_processes_trains_on_the_one_process_refined_set(model_d
         trained[devices] = {epoch: sorted(rows) for epoch, rows in rounds.items()}
     assert all(len(rows) == 8 for rows in trained[1].values())
     assert trained[2] == trained[1]
+
+
+# Prompts a round, samples per prompt, batch size -> batches per rank a round, rollouts left out a round.
+ODD_SHAPES = {
+    "5x2_by4": (5, 2, 4, 2, 0),  # 6 and 4 rollouts: one moves, 2 batches each (hung before: 2 and 1)
+    "3x3_by2": (3, 3, 2, 3, 0),  # 6 and 3: 5 and 4 in 3 batches each, [2, 2, 1] and [2, 1, 1]
+    "5x1_by1": (5, 1, 1, 2, 1),  # 3 and 2 batches of 1: one rollout a round left out, and logged
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "shape"), [("ddp", shape) for shape in sorted(ODD_SHAPES)] + [("fsdp", "5x2_by4")])
+def test_two_ranks_train_the_same_steps_whatever_the_round_shape(strategy, shape, tied_models, prompt_file, tmp_path):
+    prompts, n, batch_size, batches, left_out = ODD_SHAPES[shape]
+    folder = tmp_path / shape
+    fit(tied_models, prompt_file, folder, strategy, "--data.prompts_per_epoch", str(prompts), "--data.sampling.n", str(n),
+        "--data.batch_size", str(batch_size), "--trainer.max_epochs", "2", timeout=300)  # a hang fails here
+    steps = [records(folder, rank)[0] for rank in (0, 1)]
+    assert sorted(steps[0]) == sorted(steps[1]) == list(range(2 * batches + 1))
+    for epoch in range(2):
+        rows = [row for rank in (0, 1) for step in range(epoch * batches + 1, (epoch + 1) * batches + 1)
+                for row in steps[rank][step]["tokens"]]
+        assert len(rows) == prompts * n - left_out, epoch
+    assert all(steps[0][s]["student"] == steps[1][s]["student"] for s in steps[0])
+    stderr = (folder / "stderr.txt").read_text()
+    assert (f"left out {left_out} of {prompts * n} rollouts" in stderr) == bool(left_out)
+
+
+# --- SIGTERM, and a process that dies --------------------------------------------------------
+class SignalAt(pl.Callback):
+    """At the end of step `step` on rank `rank`: write the time to `folder/signal_time`, then send `signal_name`
+    to the run's whole process group (as a scheduler does) or, with `whole_group` false, to this process only."""
+
+    def __init__(self, step: int, rank: int, signal_name: str, folder: str, whole_group: bool = True) -> None:
+        self.step, self.rank, self.signal_name, self.folder, self.whole_group = step, rank, signal_name, folder, whole_group
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            (Path(self.folder) / "signal_time").write_text(str(time.time()))
+            number = getattr(signal, self.signal_name)
+            os.killpg(os.getpgid(0), number) if self.whole_group else os.kill(os.getpid(), number)
+
+
+def signal_at(folder: Path, step: int, rank: int, signal_name: str, whole_group: bool = True) -> dict:
+    return {"class_path": "tests.test_distributed.SignalAt", "init_args": {
+        "step": step, "rank": rank, "signal_name": signal_name, "folder": str(folder), "whole_group": whole_group}}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_ranks_after_the_same_step_with_a_checkpoint_that_resumes_exactly(
+        ddp_run, tied_models, prompt_file, tmp_path):
+    folder = tmp_path / "sigterm"
+    # SIGTERM to rank 1 only, mid-round 1: it tells rank 0 at the end of the step; checkpoints otherwise
+    # only every 100 steps, so last.ckpt can only be the one written on SIGTERM
+    done = fit(tied_models, prompt_file, folder, "ddp", callbacks=[signal_at(folder, 3, 1, "SIGTERM", whole_group=False)],
+               status=143, checkpoint_every=100, timeout=300)
+    stopped = time.time() - float((folder / "signal_time").read_text())  # both ranks gone: their pipes closed
+    print(f"SIGTERM to rank 1 after step 3: every process exited {stopped:.1f} s later")
+    assert stopped < 60
+    assert "SIGTERM: stopped after step 3" in done.stderr
+    for rank in (0, 1):
+        assert max(records(folder, rank)[0]) == 3, rank
+    last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert last["global_step"] == 3
+    fit(tied_models, prompt_file, folder, "ddp", "--ckpt_path", "last", checkpoint_every=100, timeout=300)
+    assert_resumed_like(folder, ddp_run, exact=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_rank_that_dies_or_hangs_takes_the_other_down(fault, tied_models, prompt_file, tmp_path):
+    """Rank 1 killed (rank 0's next collective fails at once) or frozen (it fails at the strategy's
+    `timeout`, 20 s here; rank 0 then kills the frozen rank it launched): the run exits 1, leaving nothing."""
+    folder = tmp_path / fault
+    start = time.time()
+    fit(tied_models, prompt_file, folder, "ddp", "--trainer.strategy.init_args.timeout", "0:00:20",
+        callbacks=[signal_at(folder, 3, 1, fault, whole_group=False)], status=1, timeout=300)
+    waited = time.time() - float((folder / "signal_time").read_text())  # every process gone: their pipes closed
+    print(f"rank 1 {fault} after step 3: every process exited {waited:.1f} s later (run: {time.time() - start:.0f} s)")
+    assert waited < (60 if fault == "SIGKILL" else 20 + 60)
+    assert max(records(folder, 0)[0]) <= 4
+
+
+# --- two nodes of one process each (torchrun on this machine) -------------------------------
+def two_nodes(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nnodes 2 --nproc-per-node 1` once per node (node ranks 0 and 1) on localhost, at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    def node(rank: int) -> subprocess.CompletedProcess:
+        return run_in_own_group([
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", *command,
+        ], timeout)
+    with ThreadPoolExecutor(2) as pool:
+        nodes = list(pool.map(node, (0, 1)))
+    failed = [n for n in nodes if n.returncode != 0]
+    return failed[0] if failed else nodes[0]
+
+
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_train_as_two_processes_of_one_node(ddp_run, tied_models, prompt_file, tmp_path):
+    folder = tmp_path / "nodes"
+    fit(tied_models, prompt_file, folder, "ddp", launch=two_nodes, trainer={"devices": 1, "num_nodes": 2})
+    for rank in (0, 1):  # the same shares, tokens, losses and weights, rank by rank
+        assert records(folder, rank) == records(ddp_run, rank), rank
