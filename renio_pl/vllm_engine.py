@@ -29,7 +29,7 @@ from renio_pl.models import policy_weights
 from renio_pl.rollouts import RolloutGenerator, SamplingConfig, eos_token_ids
 from renio_pl.sampling import stream_key
 
-__all__ = ["VLLMGenerator"]
+__all__ = ["VLLMGenerator", "executor_on_device"]
 
 _SEED_MASK = (1 << 63) - 1  # vLLM seeds a torch.Generator: a non-negative 63-bit seed
 
@@ -108,6 +108,11 @@ class VLLMGenerator(RolloutGenerator):
             # request's prefill is split over scheduler steps: schedule every prompt whole.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(kwargs["max_model_len"], 8192)
+        if current_platform.is_cuda_alike():
+            # vLLM's in-process executor puts its worker on device 0 whatever the process's rank:
+            # with several processes every engine would share the first GPU. Place it on the
+            # student's own device instead.
+            kwargs["distributed_executor_backend"] = executor_on_device(next(model.parameters()).device)
         kwargs.update(self.engine_kwargs)
         with isolate_rng():  # vLLM seeds the global generators; training's random state is kept
             self.llm = LLM(**kwargs)
@@ -156,3 +161,24 @@ class VLLMGenerator(RolloutGenerator):
         outputs = self.llm.generate(requests, params, use_tqdm=len(requests) > 256)
         completions = [list(output.outputs[0].token_ids) for output in outputs]  # prompt-major: i * n + j
         return [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts_P))]
+
+
+def executor_on_device(device: torch.device) -> type:
+    """vLLM's single-process executor with its worker on `device` (an accelerator) instead of index 0.
+
+    vLLM 0.32's `UniProcExecutor` takes the worker's local rank, which picks `cuda:<local rank>`,
+    from `device_config.device`, which carries no index: every colocated engine would land on
+    the first GPU. Each training process passes this class as `distributed_executor_backend`,
+    so its engine shares the device of the student it samples for.
+    """
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    index = device.index if device.index is not None else 0
+
+    class UniProcExecutorOnDevice(UniProcExecutor):
+        def _distributed_args(self) -> tuple[str, int, int]:
+            init_method, rank, _ = super()._distributed_args()
+            return init_method, rank, index
+
+    UniProcExecutorOnDevice.__qualname__ = f"UniProcExecutorOnDevice{index}"
+    return UniProcExecutorOnDevice

@@ -249,3 +249,23 @@ def test_a_llama_with_tied_embeddings_syncs_exactly(tmp_path):
     samples = _engine_logprobs(llama_engine, model, prompts)
     assert _max_gap(model, prompts, samples) < 1e-3
     assert _greedy(llama_engine, model, prompts) == _greedy(HFGenerator(), model, prompts)
+
+
+@pytest.mark.parametrize("device, index", [(torch.device("cuda", 3), 3), (torch.device("cuda"), 0)])
+def test_on_a_gpu_each_process_engine_sits_on_its_students_device(device, index):
+    """vLLM's own executor reads the local rank, hence the GPU, from an index-less device: 0 for
+    every process. The executor each process passes returns the student's device index instead."""
+    from vllm.config import DeviceConfig
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    from renio_pl.vllm_engine import executor_on_device
+
+    executor_class = executor_on_device(device)
+    assert issubclass(executor_class, UniProcExecutor)
+    executor = object.__new__(executor_class)  # only the argument computation runs, no worker starts
+    executor.vllm_config = type("Config", (), {"device_config": DeviceConfig(device="cpu")})()
+    _, rank, local_rank = executor._distributed_args()
+    assert (rank, local_rank) == (0, index)
+    stock = object.__new__(UniProcExecutor)
+    stock.vllm_config = executor.vllm_config
+    assert stock._distributed_args()[2] == 0  # what vLLM alone would do on every process
