@@ -19,6 +19,7 @@ Every sample's randomness is keyed by (seed, round, prompt, sample)
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import extract_answer, is_correct
 from renio_pl.evaluators.verifier import BatchVerifier
 from renio_pl.models import load_tokenizer
+from renio_pl.monitoring import RoundStats
 from renio_pl.prompts import OPSD_TEACHER_TEMPLATE, PromptFormat, PromptRow, load_rows, render_prompt
 from renio_pl.refinement import Refiner, refinement_counts, refinement_metrics
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
@@ -191,6 +193,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         self.dropped_prompts = 0
         self._round: list[Rollout] = []  # this rank's rollouts of round `_round_epoch`
         self._round_epoch: int | None = None
+        self.round_stats: RoundStats | None = None  # the last sampled round's cost
         self._refined: dict[int, list[Rollout]] | None = None  # a `once` refiner's rollouts, by prompt index
 
     def setup(self, stage: str) -> None:
@@ -405,7 +408,9 @@ class OnPolicyDataModule(pl.LightningDataModule):
         epoch = self.trainer.current_epoch
         rank, _ = self._rank()
         if self._round_epoch != epoch:
+            start = time.perf_counter()
             self._round, self._round_epoch = self.sample_round(epoch), epoch
+            self.round_stats = RoundStats.of(epoch, self._round, time.perf_counter() - start)  # logged by TrainingMonitor
         order = torch.Generator().manual_seed(stream_key(self.seed, epoch, rank))
         return _RoundLoader(
             self._batches_done, self._round, batch_size=self.batch_size, sampler=_OwnShare(self._round, order),
