@@ -186,3 +186,40 @@ def test_fit_shows_the_modules_log_lines(model_dirs, prompt_file, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stderr.splitlines() if line.startswith("held-out accuracy before training: "))
     assert math.isfinite(float(line.rpartition(" ")[2]))
+
+
+@pytest.mark.parametrize("logger", ["TensorBoardLogger", "WandbLogger"])
+def test_tensorboard_and_wandb_get_the_metrics_the_table_and_the_plot(logger, model_dirs, prompt_file, tmp_path,
+                                                                     monkeypatch):
+    """With TensorBoard or W&B (offline) as the only logger: their own files, plus our history, plot and report."""
+    package = {"TensorBoardLogger": "tensorboard", "WandbLogger": "wandb"}[logger]
+    pytest.importorskip(package)
+    options = ["--trainer.logger", logger, "--trainer.logger.save_dir", str(tmp_path)]
+    if logger == "WandbLogger":
+        options += ["--trainer.logger.offline", "true", "--trainer.logger.project", "proj"]
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    done = small_fit(model_dirs, prompt_file, tmp_path, [{"class_path": "renio_pl.callbacks.TrainingPlot"}],
+                     "--trainer.max_epochs", "2", *options)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (history,) = tmp_path.rglob("history.jsonl")
+    run = history.parent
+    if logger == "TensorBoardLogger":
+        assert run == tmp_path / "lightning_logs" / "version_0"
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+        assert [e.step for e in events.Scalars("train/grad_norm")] == list(range(8))
+        texts = events.Tensors("completions/text_summary")
+        assert [e.step for e in texts] == [0, 4]  # one table per round
+        assert b"| prompt | completion | weight |" in texts[0].tensor_proto.string_val[0]
+    else:
+        assert run.parent == tmp_path / "proj"  # save_dir/<project>/<run id>, beside the checkpoints Lightning puts there
+        tables = list(tmp_path.rglob("completions_*.table.json"))
+        assert len(tables) == 2, tables  # one per round
+        table = json.loads(tables[0].read_text())
+        assert table["columns"] == ["prompt", "completion", "weight", "correct", "tokens", "truncated"]
+    series = read_series(history)
+    assert [step for step, _ in series["train/grad_norm"]] == list(range(8))
+    assert (run / "training.png").read_bytes()[:8] == PNG
+    report_main([str(tmp_path), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "accuracy.png").read_bytes()[:8] == PNG
