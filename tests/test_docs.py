@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from importlib import import_module
 from pathlib import Path
 
@@ -33,7 +32,9 @@ PARSE_ONLY = {"--help", "--list", "--print_config"}
 
 
 def entry_points() -> dict[str, str]:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    """`[project.scripts]` of pyproject.toml: command -> `module:function` (Python 3.10 has no tomllib)."""
+    section = (REPO / "pyproject.toml").read_text().split("[project.scripts]\n", 1)[1].split("\n[", 1)[0]
+    return dict(re.findall(r'^([\w-]+)\s*=\s*"([\w.]+:\w+)"', section, re.M))
 
 
 def commands_of(block: str) -> list[list[str]]:
