@@ -165,18 +165,27 @@ def test_plot_leaves_out_the_mean_weight_and_the_report_reads_the_history(monito
     assert "From `" + str(monitored_run / "version_0" / "history.jsonl") in (tmp_path / "report" / "summary.md").read_text()
 
 
-def test_history_without_any_logger_and_a_finished_run_started_again(model_dirs, prompt_file, tmp_path):
-    """`logger: false` keeps checkpoints where they were; a second fit of the finished run neither crashes nor plots."""
+def test_history_without_any_logger(model_dirs, prompt_file, tmp_path):
+    """`logger: false`: the history and the plot go to `default_root_dir`, where checkpoints would go too."""
+    done = small_fit(model_dirs, prompt_file, tmp_path, [{"class_path": "renio_pl.callbacks.TrainingPlot"}],
+                     "--trainer.max_epochs", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [step for step, _ in read_series(tmp_path / "history.jsonl")["train/loss"]] == [0, 1, 2, 3]
+    assert (tmp_path / "training.png").read_bytes()[:8] == PNG
+
+
+def test_a_finished_run_started_again_does_not_crash_the_plot(model_dirs, prompt_file, tmp_path):
+    """Its second fit logs into a new, empty CSV version folder: no plot there, one line saying why, exit 0."""
     callbacks = [{"class_path": "renio_pl.callbacks.TrainingPlot"}]
-    first = small_fit(model_dirs, prompt_file, tmp_path, callbacks, "--trainer.max_epochs", "1")
+    csv = ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path), "--trainer.logger.name", ""]
+    first = small_fit(model_dirs, prompt_file, tmp_path, callbacks, "--trainer.max_epochs", "1", *csv)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (tmp_path / "history.jsonl").is_file() and (tmp_path / "training.png").is_file()
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    (tmp_path / "training.png").unlink()
-    again = small_fit(model_dirs, prompt_file, tmp_path, callbacks, "--trainer.max_epochs", "1",
+    assert (tmp_path / "version_0" / "training.png").is_file()
+    again = small_fit(model_dirs, prompt_file, tmp_path, callbacks, "--trainer.max_epochs", "1", *csv,
                       "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Traceback" not in again.stderr
+    assert not (tmp_path / "version_1" / "training.png").exists()
 
 
 def test_fit_shows_the_modules_log_lines(model_dirs, prompt_file, tmp_path):
