@@ -2,63 +2,62 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch.distributed as dist
-from lightning.pytorch.loggers import CSVLogger
 
-__all__ = ["TrainingPlot", "EvaluationReport"]
+from renio_pl.history import Series, add_history, read_series
+
+__all__ = ["TrainingPlot", "EvaluationReport", "read_series", "plot_series"]
 
 log = logging.getLogger(__name__)
 
 
 class TrainingPlot(pl.Callback):
-    """At the end of `fit`, plots metrics from the run's `metrics.csv` into a PNG in its log folder.
+    """At the end of `fit`, plots the run's logged history into a PNG in the run folder.
+
+    Reads `history.jsonl` (`renio_pl.history`), which is written whatever the run's logger
+    (CSV, TensorBoard, W&B), so the plot needs no particular one. A fit that logged nothing
+    (a finished run started again) writes no plot and says so.
 
     Args:
-        filename: name of the PNG, written next to `metrics.csv`.
-        panels: one panel per entry: metric names drawn together against the optimizer step.
+        filename: name of the PNG, written next to `history.jsonl`.
+        panels: one panel per entry: metric names drawn together against the optimizer step
+            (names the run did not log are left out, and so is a panel with none).
     """
 
     def __init__(
         self,
         filename: str = "training.png",
-        panels: list[list[str]] = [["val/accuracy", "rollout/accuracy"], ["weights/mean", "weights/max"]],  # noqa: B006
+        panels: list[list[str]] = [  # noqa: B006
+            ["val/accuracy", "rollout/accuracy"], ["train/loss", "train/kl"], ["weights/max", "weights/kept_share"]
+        ],
     ) -> None:
         self.filename = filename
         self.panels = panels
+        self.history_file: Path | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.history_file = add_history(trainer).path
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or self.history_file is None:
             return
-        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        if csv_logger is None:
-            log.warning("TrainingPlot needs a CSVLogger among trainer.logger; no plot written")
+        series = read_series(self.history_file) if self.history_file.is_file() else {}
+        panels = [names for names in self.panels if any(name in series for name in names)]
+        if not panels:
+            log.info("TrainingPlot: this fit logged none of %s; no plot written", sorted({n for p in self.panels for n in p}))
             return
-        csv_logger.save()
-        metrics_file = Path(csv_logger.log_dir) / "metrics.csv"
-        series = read_series(metrics_file)
-        path = Path(csv_logger.log_dir) / self.filename
-        plot_series(series, self.panels, path)
+        path = self.history_file.parent / self.filename
+        plot_series(series, panels, path)
         log.info("training plot: %s", path)
 
 
-def read_series(metrics_file: Path) -> dict[str, list[tuple[float, float]]]:
-    """`{metric: [(step, value), ...]}` from a Lightning `metrics.csv` (blank cells skipped)."""
-    series: dict[str, list[tuple[float, float]]] = {}
-    with metrics_file.open() as f:
-        for row in csv.DictReader(f):
-            for name, value in row.items():
-                if name != "step" and value not in ("", None):
-                    series.setdefault(name, []).append((float(row["step"]), float(value)))
-    return series
-
-
-def plot_series(series: dict[str, list[tuple[float, float]]], panels: list[list[str]], path: Path) -> None:
+def plot_series(series: Series, panels: list[list[str]], path: Path) -> None:
     """One panel per list of metric names, each metric a line over steps."""
     import matplotlib
 

@@ -21,6 +21,7 @@ from renio_pl.datamodule import OnPolicyDataModule
 from renio_pl.errors import ConfigError, TrainingDiverged
 from renio_pl.losses import Loss
 from renio_pl.module import DistillationModule
+from renio_pl.monitoring import TrainingMonitor, configure_logging, missing_package_message
 from renio_pl.preemption import SIGTERM_EXIT_STATUS, StopTogether
 from renio_pl.rollouts import RolloutGenerator
 from renio_pl.weighters import Weighter
@@ -60,6 +61,9 @@ class RenioArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             return super().error(message, ex)
+        if (missing := missing_package_message(ex or message) or missing_package_message(message)) is not None:
+            sys.stderr.write(f"error: {missing}\n")
+            self.exit(2)
         sys.stderr.write(f"error: {one_line(message)} (see --help)\n")
         self.exit(2)
 
@@ -77,6 +81,7 @@ class RenioCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.student", "data.tokenizer")
+        parser.add_lightning_class_args(TrainingMonitor, "monitor")  # every run: vitals, history, completions
 
     def before_fit(self) -> None:
         """Resolve `--ckpt_path last` to the newest `last.ckpt` under `trainer.default_root_dir`.
@@ -100,6 +105,7 @@ def run_cli(
 
     Every trainer gets `StopTogether`: after SIGTERM the run writes `last.ckpt` and exits 143.
     """
+    configure_logging()
     try:
         RenioCLI(
             model_class, datamodule_class, save_config_kwargs={"overwrite": True}, parser_class=parser_class, args=args,
@@ -113,6 +119,11 @@ def run_cli(
     except TrainingDiverged as error:
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(1) from None
+    except (ValueError, ModuleNotFoundError) as error:  # a logger or strategy whose package is missing
+        if (message := missing_package_message(error)) is None:
+            raise
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(2) from None
 
 
 def main(args: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import extract_answer, is_correct
 from renio_pl.evaluators.verifier import BatchVerifier
 from renio_pl.models import load_tokenizer
+from renio_pl.monitoring import RoundStats
 from renio_pl.prompts import OPSD_TEACHER_TEMPLATE, PromptFormat, PromptRow, load_rows, render_prompt
 from renio_pl.refinement import Refiner, refinement_counts, refinement_metrics
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
@@ -196,6 +198,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         self._round: list[Rollout] = []  # this rank's rollouts of round `_round_epoch`
         self._round_epoch: int | None = None
         self._round_longest = 0  # the most rollouts any rank has in the current round
+        self.round_stats: RoundStats | None = None  # the last sampled round's cost
         self._refined: dict[int, list[Rollout]] | None = None  # a `once` refiner's rollouts, by prompt index
 
     def setup(self, stage: str) -> None:
@@ -416,7 +419,10 @@ class OnPolicyDataModule(pl.LightningDataModule):
         epoch = self.trainer.current_epoch
         rank, _ = self._rank()
         if self._round_epoch != epoch:
-            self._round, self._round_epoch = self._even_out(self.sample_round(epoch)), epoch
+            start = time.perf_counter()
+            sampled = self.sample_round(epoch)
+            self.round_stats = RoundStats.of(epoch, sampled, time.perf_counter() - start)  # logged by TrainingMonitor
+            self._round, self._round_epoch = self._even_out(sampled), epoch
         order = torch.Generator().manual_seed(stream_key(self.seed, epoch, rank))
         shuffled = [self._round[i] for i in torch.randperm(len(self._round), generator=order).tolist()]
         sizes = batch_sizes(len(shuffled), self._round_batches, self.batch_size)

@@ -174,6 +174,7 @@ class DistillationModule(pl.LightningModule):
             scores.student_logprobs, scores.teacher_logprobs, batch.completion_mask, scores.student_entropy, batch.correct
         )
         weights = self.weighter(inputs)  # (B,)
+        self.last_weights = weights.detach()  # (B,) read by monitoring.TrainingMonitor's completions table
         loss = weighted_loss(scores.token_loss, batch.completion_mask, weights, self.loss.reduction)
         # One collective for both decisions: processes with a non-finite loss, processes with a kept rollout.
         flags = torch.stack([(~torch.isfinite(loss.detach())).float(), (weights.sum() > 0).float()])

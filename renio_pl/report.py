@@ -1,7 +1,9 @@
 """`renio-pl-report RUN_DIR [--out DIR]`: a run's logged metrics as PNG figures and a markdown summary.
 
-Reads the run's `metrics.csv` (written by a CSVLogger; the newest one under RUN_DIR, or
-RUN_DIR itself when it is the file) and writes into `--out` (default `RUN_DIR/report`):
+Reads the run's logged history: `history.jsonl`, which `renio-pl` writes beside whatever
+logger the run uses (CSV, TensorBoard, W&B), or else a CSVLogger's `metrics.csv`: the newest
+one under RUN_DIR, or RUN_DIR itself when it is the file. Writes into `--out` (default
+`RUN_DIR/report`):
 
     weights_vs_correctness.png  per round: AUROC of each weighter's weight for an incorrect
                                 rollout, and each weighter's mean weight of correct vs
@@ -13,7 +15,7 @@ RUN_DIR itself when it is the file) and writes into `--out` (default `RUN_DIR/re
     summary.md                  the numbers behind them
 
 The `diag/*` metrics come from `renio_pl.diagnostics`; a figure whose metrics a run did not
-log is left out. Bad input (no such folder, no metrics.csv, nothing to plot) is one line,
+log is left out. Bad input (no such folder, no logged history, nothing to plot) is one line,
 `error: ...`, and exit status 2.
 """
 
@@ -27,14 +29,13 @@ from pathlib import Path
 from statistics import mean
 from typing import NoReturn
 
-from renio_pl.callbacks import plot_series, read_series
+from renio_pl.callbacks import plot_series
 from renio_pl.errors import ConfigError
+from renio_pl.history import HISTORY_FILE, Series, read_series
 
-__all__ = ["find_metrics", "summarize", "summary_markdown", "write_report", "main"]
+__all__ = ["find_history", "find_metrics", "summarize", "summary_markdown", "write_report", "main"]
 
 log = logging.getLogger(__name__)
-
-Series = dict[str, list[tuple[float, float]]]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -45,31 +46,40 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2)
 
 
-def find_metrics(run_dir: Path) -> Path:
-    """The run's `metrics.csv`: `run_dir` itself, or the newest one under it.
+LOG_FILES = (HISTORY_FILE, "metrics.csv")  # in order of preference
 
-    A resumed run logs into a new `version_<n>` folder of the same logger; metrics.csv files of
-    different loggers' folders (a sweep, a folder of runs) are ambiguous and an error.
+
+def find_history(run_dir: Path) -> Path:
+    """The run's logged history: `run_dir` itself, or the newest `history.jsonl` (else `metrics.csv`) under it.
+
+    A run resumed by Lightning may log into a new `version_<n>` folder of the same logger;
+    the files of different loggers' folders (a sweep, a folder of runs) are ambiguous and an error.
     """
     if not run_dir.exists():
         raise ConfigError(f"run folder {run_dir} does not exist")
     if run_dir.is_file():
-        if run_dir.name != "metrics.csv":
-            raise ConfigError(f"{run_dir} is not a metrics.csv; give the run folder (trainer.default_root_dir)")
+        if run_dir.name not in LOG_FILES:
+            raise ConfigError(f"{run_dir} is neither a history.jsonl nor a metrics.csv; give the run's folder")
         return run_dir
-    found = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    for name in LOG_FILES:
+        found = sorted(run_dir.rglob(name), key=lambda p: p.stat().st_mtime)
+        if found:
+            break
+    else:
         raise ConfigError(
-            f"no metrics.csv under {run_dir}; the run needs a CSVLogger (trainer.logger: "
-            "lightning.pytorch.loggers.CSVLogger, as configs/demo.yaml has)"
+            f"no history.jsonl or metrics.csv under {run_dir}; give the folder of a run made with renio-pl "
+            "(or with renio_pl.callbacks.TrainingPlot or a CSVLogger)"
         )
     if len({p.parent.parent for p in found}) > 1:
         raise ConfigError(
-            f"{len(found)} runs' metrics.csv under {run_dir} (e.g. {found[0]} and {found[-1]}); give one run's folder"
+            f"{len(found)} runs' {found[0].name} under {run_dir} (e.g. {found[0]} and {found[-1]}); give one run's folder"
         )
     if len(found) > 1:
-        log.info("%d versions of metrics.csv under %s (a resumed run); reporting the newest", len(found), run_dir)
+        log.info("%d versions of %s under %s (a resumed run); reporting the newest", len(found), found[0].name, run_dir)
     return found[-1]
+
+
+find_metrics = find_history  # the name earlier releases used
 
 
 def weighter_names(series: Series) -> list[str]:
@@ -174,7 +184,7 @@ def figures(series: Series) -> dict[str, list[list[str]]]:
 
 
 def write_report(metrics_file: Path, out: Path) -> list[Path]:
-    """Write the figures and `summary.md` for one `metrics.csv` into `out`; returns the files written."""
+    """Write the figures and `summary.md` for one `history.jsonl` or `metrics.csv` into `out`; returns the files."""
     series = read_series(metrics_file)
     panels = figures(series)
     if not panels:
@@ -191,12 +201,12 @@ def write_report(metrics_file: Path, out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `renio-pl-report`."""
     parser = OneLineParser(prog="renio-pl-report", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="the run's folder (or its metrics.csv)")
+    parser.add_argument("run_dir", type=Path, help="the run's folder (or its history.jsonl or metrics.csv)")
     parser.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/report)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        metrics_file = find_metrics(args.run_dir)
+        metrics_file = find_history(args.run_dir)
         out = args.out or (args.run_dir.parent if args.run_dir.is_file() else args.run_dir) / "report"
         for path in write_report(metrics_file, out):
             log.info("wrote %s", path)

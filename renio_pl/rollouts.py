@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 
 from renio_pl.errors import ConfigError
+from renio_pl.progress import GenerationProgress
 from renio_pl.sampling import KeyedGumbelSampler, stream_key
 
 __all__ = ["SamplingConfig", "Rollout", "RolloutBatch", "collate_rollouts", "RolloutGenerator", "HFGenerator", "eos_token_ids"]
@@ -237,9 +237,8 @@ class HFGenerator(RolloutGenerator):
         was_training = model.training
         model.eval()
         completions_P_G: list[list[list[int]]] = []
-        progress = tqdm(  # a bar only when sampling takes several generate calls
-            total=len(prompts_P), desc="sampling", unit="prompt", leave=False, disable=len(prompts_P) <= self.batch_size
-        )
+        # counts finished completions during each generate call (renio_pl.progress); off for a single short call
+        progress = GenerationProgress(len(prompts_P) * sampling.n, eos_ids, disable=len(prompts_P) * sampling.n < 64)
         try:
             with _own_generation_config(model, config), progress:
                 for start in range(0, len(prompts_P), self.batch_size):
@@ -249,7 +248,8 @@ class HFGenerator(RolloutGenerator):
                     width = max(len(p) for p in chunk)
                     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in rows], device=device)
                     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=device)
-                    processors = LogitsProcessorList()
+                    processors = LogitsProcessorList([progress])
+                    progress.start_call(width)
                     if sampling.temperature > 0:
                         processors.append(
                             KeyedGumbelSampler(
@@ -264,7 +264,7 @@ class HFGenerator(RolloutGenerator):
                     for i in range(len(chunk)):
                         group = sequences[i * sampling.n : (i + 1) * sampling.n]
                         completions_P_G.append([_cut_at_eos(s, eos_ids) for s in group])
-                    progress.update(len(chunk))
+                    progress.finish_call([c for group in completions_P_G[start:] for c in group])
         finally:
             model.train(was_training)
         return completions_P_G

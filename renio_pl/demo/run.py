@@ -12,17 +12,21 @@ from pathlib import Path
 
 from renio_pl.cli import main as cli_main
 from renio_pl.demo.task import build_assets
+from renio_pl.errors import ConfigError
+from renio_pl.resources import shipped_path
 
 ASSETS = Path("demo_assets")
 
 
 def find_config(name: str = "demo.yaml") -> Path:
-    """`configs/<name>` in the working directory or the checkout this package runs from."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (root / "configs" / name).is_file():
-            return root / "configs" / name
-    sys.stderr.write(f"error: configs/{name} not found; run renio-pl-demo from the renio-pl checkout\n")
-    raise SystemExit(2)
+    """`configs/<name>` in the working directory, else the one shipped with renio-pl (checkout or wheel)."""
+    if (Path.cwd() / "configs" / name).is_file():
+        return Path.cwd() / "configs" / name
+    try:
+        return shipped_path(f"configs/{name}")
+    except ConfigError as error:
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,12 +56,13 @@ from renio_pl.errors import ConfigError
 from renio_pl.evaluators import harness, sandbox
 from renio_pl.evaluators.verifier import BatchVerifier, Verdict
 from renio_pl.prompts import check_sha256
+from renio_pl.resources import shipped_path
 
 __all__ = ["evaluate_solutions", "load_problems", "Problem", "DATASETS", "extract_program", "CodeVerifier"]
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "evaluation" / "data" / "code"
+DATA_DIR = shipped_path("evaluation/data/code", must_exist=False)  # in the checkout or the installed wheel
 DATASETS = {"humaneval": "HumanEvalPlus-v0.1.10.jsonl.gz", "mbpp": "MbppPlus-v0.2.0.jsonl.gz"}
 MIN_TIME_LIMIT_S = 1.0  # EvalPlus 0.3.1 defaults (evalplus/config.py, eval/__init__.py)
 TIME_LIMIT_FACTOR = 4.0
@@ -144,7 +145,7 @@ def _data_path(dataset: str) -> Path:
         raise ConfigError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
     path = DATA_DIR / DATASETS[dataset]
     if not path.is_file():
-        raise ConfigError(f"{path} is missing; run from a source checkout of renio-pl, which ships it")
+        raise ConfigError(f"{path} is missing; reinstall renio-pl (its wheel and its source checkout ship it)")
     check_sha256(path, str(path), f"evaluate_solutions(dataset={dataset!r})")
     return path
 
