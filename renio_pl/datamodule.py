@@ -19,6 +19,7 @@ Every sample's randomness is keyed by (seed, round, prompt, sample)
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -82,6 +83,11 @@ _REWRITE_STREAM = "rewrite"  # ... of the refiner's rewrites
 _INITIAL_STREAM = "initial_student"  # ... of the rollouts a `once` refiner rewrites
 
 
+def data_seed(seed: int | None) -> int:
+    """`seed`, or when None the global seed `seed_everything` set (Lightning's `PL_GLOBAL_SEED`; 0 when unset)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+
+
 class OnPolicyDataModule(pl.LightningDataModule):
     """Prompts in, freshly sampled on-policy rollouts out, every epoch.
 
@@ -117,7 +123,9 @@ class OnPolicyDataModule(pl.LightningDataModule):
         long_prompts: `error` stops with a message; `drop` skips them (and logs how many).
         verifier: `(completion, answer) -> bool`, an import path in YAML.
         answer_extractor: `completion -> final answer or None`, for majority voting.
-        seed: seeds prompt order, sampling and batch order (with the epoch and rank).
+        seed: seeds prompt order, sampling and batch order (with the epoch and rank); None
+            follows the global seed of `seed_everything` (0 when none was set), so
+            `--seed_everything N` alone gives a different run.
     """
 
     def __init__(
@@ -147,7 +155,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         long_prompts: Literal["error", "drop"] = "error",
         verifier: Callable[[str, str], bool] = is_correct,
         answer_extractor: Callable[[str], str | None] = extract_answer,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("prompts_per_epoch", prompts_per_epoch), ("batch_size", batch_size),
@@ -179,7 +187,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
             raise ConfigError("data.test_sets: limit must be >= 0 (0: every problem)")
         self.prompts_per_epoch, self.batch_size, self.val_batch_size = prompts_per_epoch, batch_size, val_batch_size
         self.max_prompt_tokens, self.long_prompts = max_prompt_tokens, long_prompts
-        self.verifier, self.answer_extractor, self.seed = verifier, answer_extractor, seed
+        self.verifier, self.answer_extractor, self.seed = verifier, answer_extractor, data_seed(seed)
         self.tokenizer = load_tokenizer(tokenizer)
         self.train_rows: list[PromptRow] = []
         self.val_rows: list[PromptRow] = []
