@@ -19,7 +19,7 @@ from torch import Tensor
 
 from renio_pl.errors import ConfigError
 
-__all__ = ["Loss", "ForwardKL", "ReverseKL", "GeneralizedJSD", "SampledReverseKL", "weighted_loss"]
+__all__ = ["Loss", "ForwardKL", "ReverseKL", "GeneralizedJSD", "SampledReverseKL", "weighted_loss", "rollout_losses"]
 
 # Teacher log-probs are floored here before entering a loss: a teacher that gives a sampled
 # token probability 0 (-inf) would otherwise make reverse KL infinite. exp(-1e4) is 0 in any dtype.
@@ -125,8 +125,21 @@ class SampledReverseKL(Loss):
         return (student_sampled - teacher_sampled).detach() * student_sampled
 
 
+def rollout_losses(token_loss: Tensor, mask: Tensor) -> Tensor:
+    """`L_i`, the mean of sample `i`'s token losses over its mask.
+
+    Args:
+        token_loss: (B, T) float per-token loss (0 or anything off the mask).
+        mask: (B, T) bool, True on generated tokens.
+    Returns:
+        (B,) float, 0 for a row without tokens.
+    """
+    mask = mask.to(token_loss.dtype)
+    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
 def weighted_loss(token_loss: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
-    """Batch loss `mean_i w_i L_i`, `L_i` the mean of sample `i`'s token losses over its mask.
+    """Batch loss `mean_i w_i L_i`, `L_i` the mean of sample `i`'s token losses over its mask (`rollout_losses`).
 
     Args:
         token_loss: (B, T) float per-token loss (0 or anything off the mask).
@@ -135,8 +148,7 @@ def weighted_loss(token_loss: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
     Returns:
         () float32; a row without tokens contributes 0.
     """
-    mask = mask.to(token_loss.dtype)
-    per_sample = (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B,)
+    per_sample = rollout_losses(token_loss, mask)  # (B,)
     return (weights.detach().to(per_sample.dtype) * per_sample).mean()
 
 
