@@ -47,10 +47,11 @@ def _validate(folder: Path, model: str, out: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_reasoning_assets_teacher_solves_and_student_fails_the_carries(tmp_path):
-    """Builds the reasoning demo's assets (a few minutes on 2 cores), then greedy held-out accuracy of each model."""
+    """The reasoning demo's assets as `renio-pl-demo --task trace` builds them in the checkout (reused when their
+    stamp matches; about 4 minutes on 2 busy cores otherwise), then greedy held-out accuracy of each model."""
     from renio_pl.demo.task import build_assets
 
-    folder = build_assets(tmp_path / "assets", reasoning_spec())
+    folder = build_assets(REPO / "demo_assets_trace", reasoning_spec())
     rows = [json.loads(line) for line in (folder / "heldout.jsonl").read_text().splitlines()]
     assert len(rows) == 500 and {r["group"] for r in rows} == {"carry", "no_carry"}
     teacher = _validate(folder, "teacher", tmp_path / "teacher")
