@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         del argv[at : at + 2]
     folder, name, spec = TASKS[task]
     config = find_config(name)
-    build_assets(folder, spec())
+    try:
+        build_assets(folder, spec())
+    except RuntimeError as error:
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(1) from None
     if "--assets-only" in argv:
         return
     cli_main(["fit", "--config", str(config), *[a for a in argv if a != "--assets-only"]])

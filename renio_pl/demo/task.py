@@ -162,11 +162,29 @@ def _train_sft(
     return model.eval()
 
 
+TEACHER_MIN_ACCURACY = 0.9
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[int, int]], task: str
+) -> float:
+    """Share of `pairs` whose greedy completion is exactly the task's completion (`completion`)."""
+    prompts = torch.tensor([tokenizer(problem(a, b))["input_ids"] for a, b in pairs])  # (N, 6)
+    width = len(completion(task, 0, 0))
+    out = model.generate(prompts, max_new_tokens=width + 1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, prompts.shape[1] :], skip_special_tokens=True)
+    return sum(text == completion(task, a, b) for text, (a, b) in zip(texts, pairs)) / max(len(pairs), 1)
+
+
 def build_assets(folder: str | Path, spec: DemoSpec | None = None) -> Path:
     """Write the demo's data, tokenizer, student and teacher under `folder`; reuse them when cached.
 
     Returns:
         `folder`, holding `train.jsonl`, `heldout.jsonl`, `student/` and `teacher/`.
+    Raises:
+        RuntimeError: the teacher's SFT did not converge (under `TEACHER_MIN_ACCURACY` greedy
+            held-out accuracy); nothing is stamped, so the next call builds again.
     """
     spec = spec or DemoSpec()
     folder = Path(folder)
@@ -186,8 +204,16 @@ def build_assets(folder: str | Path, spec: DemoSpec | None = None) -> Path:
     for name in ("teacher", "student"):
         pairs = carry_free if name == "student" and not spec.student_sees_carries else train
         model = _train_sft(getattr(spec, name), tokenizer, pairs, spec)
+        accuracy = greedy_accuracy(model, tokenizer, held_out, spec.task)
+        log.info("demo %s trained: %.1f%% greedy held-out accuracy (%.0f s so far)", name, 100 * accuracy,
+                 time.perf_counter() - start)
+        if name == "teacher" and accuracy < TEACHER_MIN_ACCURACY:
+            raise RuntimeError(
+                f"the demo teacher reached only {100 * accuracy:.1f}% greedy held-out accuracy (under "
+                f"{100 * TEACHER_MIN_ACCURACY:.0f}%): its SFT did not converge; rebuild, or change DemoSpec.teacher "
+                "(seed or sft_steps)"
+            )
         model.save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)
-        log.info("demo %s trained (%.0f s so far)", name, time.perf_counter() - start)
     stamp.write_text(json.dumps(asdict(spec), indent=2))
     return folder
