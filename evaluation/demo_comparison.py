@@ -163,7 +163,7 @@ def mechanism_figure(methods: dict[str, list[Path]], path: Path) -> None:
             curves = [series[metric] for series in runs if metric in series]
             if curves:
                 steps, values = zip(*mean_curve(curves))
-                axis.plot(steps, values, label=f"{method} ({len(curves)} seeds)")
+                axis.plot(steps, values, label=f"{method} (n={len(curves)})")
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)
