@@ -16,6 +16,12 @@ plot) and `renio_seed0/` (`renio-pl-report` of ReNIO's seed-0 run). `demo_assets
 (`renio-pl-demo --assets-only`). About 45 minutes on 2 CPU cores for 3 seeds.
 
     python evaluation/demo_comparison.py --out runs/demo_comparison --report evaluation/reports/demo_comparison
+
+`--mechanism SWEEP_FOLDER LABEL... --figure PATH` instead draws the mechanism figure of runs
+that a `renio-pl-sweep` (a grid too) left in SWEEP_FOLDER: per method (the runs under
+`SWEEP_FOLDER/<LABEL>`, every seed), held-out accuracy on carry and carry-free problems, the
+weights' effective sample share, the loss share of the top 10% of rollouts and the gradient
+norm over training, mean over seeds (`renio_pl.diagnostics`).
 """
 
 from __future__ import annotations
@@ -134,7 +140,52 @@ def tables(methods: dict[str, list[Path]], initial: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+MECHANISM_PANELS = [  # (metric logged, panel title)
+    ("val/group_accuracy/carry", "held-out accuracy, carry problems"),
+    ("val/group_accuracy/no_carry", "held-out accuracy, carry-free problems"),
+    ("diag/active/ess_share", "effective sample share of the weights"),
+    ("diag/active/top10_loss_share", "loss share of the top 10% of rollouts"),
+    ("diag/grad_norm", "gradient norm (round mean)"),
+]
+
+
+def mechanism_figure(methods: dict[str, list[Path]], path: Path) -> None:
+    """One panel per `MECHANISM_PANELS` metric, one line per method (mean over its runs' folders)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logged = {method: [read_series(find_metrics(folder)) for folder in folders] for method, folders in methods.items()}
+    figure, axes = plt.subplots(1, len(MECHANISM_PANELS), figsize=(4.2 * len(MECHANISM_PANELS), 3.4))
+    for axis, (metric, title) in zip(axes, MECHANISM_PANELS):
+        for method, runs in logged.items():
+            curves = [series[metric] for series in runs if metric in series]
+            if curves:
+                steps, values = zip(*mean_curve(curves))
+                axis.plot(steps, values, label=f"{method} (n={len(curves)})")
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("optimizer step")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def main() -> None:
+    if "--mechanism" in sys.argv:
+        parser = argparse.ArgumentParser(description="the mechanism figure of a sweep's runs")
+        parser.add_argument("--mechanism", type=Path, required=True, help="the sweep's folder")
+        parser.add_argument("labels", nargs="+", help="method folders under it, e.g. renio/0.0003 (`name=folder`)")
+        parser.add_argument("--figure", type=Path, required=True)
+        args = parser.parse_args()
+        methods = {}
+        for label in args.labels:
+            name, _, folder = label.rpartition("=")
+            methods[name or folder] = sorted((args.mechanism / folder).glob("seed*"))
+        mechanism_figure(methods, args.figure)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo_comparison"), help="where the runs go")
     parser.add_argument("--report", type=Path, default=Path("evaluation/reports/demo_comparison"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -87,6 +88,11 @@ _REWRITE_STREAM = "rewrite"  # ... of the refiner's rewrites
 _INITIAL_STREAM = "initial_student"  # ... of the rollouts a `once` refiner rewrites
 
 
+def data_seed(seed: int | None) -> int:
+    """`seed`, or when None the global seed `seed_everything` set (Lightning's `PL_GLOBAL_SEED`; 0 when unset)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+
+
 class OnPolicyDataModule(pl.LightningDataModule):
     """Prompts in, freshly sampled on-policy rollouts out, every epoch.
 
@@ -122,7 +128,11 @@ class OnPolicyDataModule(pl.LightningDataModule):
         long_prompts: `error` stops with a message; `drop` skips them (and logs how many).
         verifier: `(completion, answer) -> bool`, an import path in YAML.
         answer_extractor: `completion -> final answer or None`, for majority voting.
-        seed: seeds prompt order, sampling and batch order (with the epoch and rank).
+        group_field: column of the training and held-out data holding each problem's group
+            (e.g. `carry`); the diagnostics then log accuracy per group. None: no groups.
+        seed: seeds prompt order, sampling and batch order (with the epoch and rank); None
+            follows the global seed of `seed_everything` (0 when none was set), so
+            `--seed_everything N` alone gives a different run.
     """
 
     def __init__(
@@ -152,7 +162,8 @@ class OnPolicyDataModule(pl.LightningDataModule):
         long_prompts: Literal["error", "drop"] = "error",
         verifier: Callable[[str, str], bool] = is_correct,
         answer_extractor: Callable[[str], str | None] = extract_answer,
-        seed: int = 0,
+        seed: int | None = None,
+        group_field: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("prompts_per_epoch", prompts_per_epoch), ("batch_size", batch_size),
@@ -184,7 +195,8 @@ class OnPolicyDataModule(pl.LightningDataModule):
             raise ConfigError("data.test_sets: limit must be >= 0 (0: every problem)")
         self.prompts_per_epoch, self.batch_size, self.val_batch_size = prompts_per_epoch, batch_size, val_batch_size
         self.max_prompt_tokens, self.long_prompts = max_prompt_tokens, long_prompts
-        self.verifier, self.answer_extractor, self.seed = verifier, answer_extractor, seed
+        self.verifier, self.answer_extractor, self.seed = verifier, answer_extractor, data_seed(seed)
+        self.group_field = group_field
         self.tokenizer = load_tokenizer(tokenizer)
         self.train_rows: list[PromptRow] = []
         self.val_rows: list[PromptRow] = []
@@ -217,11 +229,12 @@ class OnPolicyDataModule(pl.LightningDataModule):
         if stage == "fit" and not self.train_rows:
             self.train_rows, self.train_prompt_ids, self.train_teacher_prompt_ids = self._prepare(
                 self.train_path, "data.train_path", self.sampling, "data.sampling", *own_fields,
-                solution_field=self.solution_field,
+                solution_field=self.solution_field, group_field=self.group_field,
             )
         if stage in ("fit", "validate") and self.val_path is not None and not self.val_rows:
             self.val_rows, self.val_prompt_ids, _ = self._prepare(
-                self.val_path, "data.val_path", self.val_sampling, "data.val_sampling", *own_fields
+                self.val_path, "data.val_path", self.val_sampling, "data.val_sampling", *own_fields,
+                group_field=self.group_field,
             )
         if stage in ("test", "predict") and not self.test_rows:
             if not self.test_sets:
@@ -248,6 +261,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         answer_after: str | None = None,
         solution_field: str | None = None,
         prompt_format: PromptFormat | None = None,
+        group_field: str | None = None,
     ) -> tuple[list[PromptRow], list[list[int]], list[list[int]] | None]:
         """Load rows and render their prompts (and the teacher's, for OPSD), applying the prompt-length policy.
 
@@ -260,7 +274,8 @@ class OnPolicyDataModule(pl.LightningDataModule):
         is held to the same limit.
         """
         rows = load_rows(
-            source, prompt_field, answer_field, split, option, answer_after=answer_after, solution_field=solution_field
+            source, prompt_field, answer_field, split, option, answer_after=answer_after, solution_field=solution_field,
+            group_field=group_field,
         )
         limit, reason = self.max_prompt_tokens, f"data.max_prompt_tokens={self.max_prompt_tokens}"
         context = self._student_context()
@@ -350,7 +365,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
             for j, completion in enumerate(completions):
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
                 rollouts.append(Rollout(ids, completion, row.index, sampling.temperature, j, row.answer, text=text,
-                                        teacher_prompt_ids=teacher_ids))
+                                        teacher_prompt_ids=teacher_ids, group=row.group))
         self._grade(rollouts, verifier)
         return rollouts
 

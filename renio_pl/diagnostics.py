@@ -17,25 +17,41 @@ Logged per round (`<w>` is a diagnostic weighter's name, `active` the weights tr
     diag/len_correct                  generated tokens per correct rollout (and `_incorrect`)
     diag/markers_correct              epistemic markers per correct rollout (and `_incorrect`)
     diag/marker/<marker>_correct      one marker, spaces as `_` (and `_incorrect`)
+
+and, with or without labels, how the trained weights shape the update (means over the round's
+micro-batches or optimizer steps):
+    diag/active/ess_share             effective sample size of the weights as a share of the
+                                      micro-batch, (sum w)^2 / (B sum w^2) (`effective_sample_share`)
+    diag/active/top10_loss_share      share of the micro-batch loss carried by the 10% of its
+                                      rollouts that carry the most (`top_loss_share`)
+    diag/grad_norm                    the gradient's global L2 norm before each optimizer step
+    diag/group_accuracy/<group>       training rollouts' accuracy per problem group, when the
+                                      data has groups (`data.group_field`)
 A value is left out of a round that has no rollout to define it (AUROC: both labels needed).
+Held-out accuracy per group is logged by the module as `val/group_accuracy/<group>` (`GroupAccuracy`).
 
 Glossary: `B` rollouts, `T` completion tokens, `M` markers.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import zlib
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
 from renio_pl.errors import ConfigError
 from renio_pl.weighters import EntropyWeighter, LengthWeighter, ReNIOWeighter, UniformWeighter, Weighter, WeighterInputs
 
-__all__ = ["Diagnostics", "ByCorrectness", "count_markers", "standard_weighters", "DEFAULT_MARKERS"]
+__all__ = [
+    "Diagnostics", "ByCorrectness", "GroupAccuracy", "count_markers", "standard_weighters", "effective_sample_share",
+    "top_loss_share", "DEFAULT_MARKERS",
+]
 
 DEFAULT_MARKERS = ["wait", "let me check", "hmm", "alternatively", "verify"]
 
@@ -64,6 +80,73 @@ def count_markers(texts: list[str], markers: list[str]) -> Tensor:
     patterns = [_marker_pattern(m) for m in markers]
     counts = [[len(p.findall(text)) for p in patterns] for text in texts]
     return torch.tensor(counts, dtype=torch.float32).reshape(len(texts), len(markers))
+
+
+def effective_sample_share(weights: Tensor) -> Tensor | None:
+    """Kish's effective sample size of the weights as a share of the batch: `(sum w)^2 / (B sum w^2)`.
+
+    1 when every weight is equal, `k / B` when `k` rollouts share the weight equally and the rest weigh 0.
+
+    Args:
+        weights: (B,) float >= 0.
+    Returns:
+        () float64 in (0, 1], or None when every weight is 0 (or B is 0).
+    """
+    weights = weights.detach().double()
+    squares = (weights**2).sum()
+    if squares <= 0:
+        return None
+    return weights.sum() ** 2 / (len(weights) * squares)
+
+
+def top_loss_share(contributions: Tensor, share: float = 0.1) -> Tensor | None:
+    """Share of the batch loss `sum_i c_i` carried by the `ceil(share * B)` rollouts with the largest `c_i`.
+
+    Args:
+        contributions: (B,) float >= 0, each rollout's term of the batch loss, `w_i L_i` (`renio_pl.losses`).
+        share: the share of the rollouts counted (0 < share <= 1).
+    Returns:
+        () float64 in [share-ish, 1], or None when the loss is 0 (or B is 0).
+    """
+    contributions = contributions.detach().double()
+    total = contributions.sum()
+    if len(contributions) == 0 or total <= 0:
+        return None
+    top = torch.topk(contributions, math.ceil(share * len(contributions))).values
+    return top.sum() / total
+
+
+class GroupAccuracy(Metric):
+    """Accuracy per problem group over an epoch or a round (groups named by strings, gathered over processes).
+
+    A group is keyed by the CRC32 of its name, so every process codes it the same way; names
+    are remembered where they are seen (every process loads the same rows).
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("codes", default=[], dist_reduce_fx="cat")
+        self.add_state("correct", default=[], dist_reduce_fx="cat")
+        self.names: dict[int, str] = {}
+
+    def update(self, groups: list[str | None], correct: Tensor) -> None:
+        """Add rollouts: `groups` B names (None: left out), `correct` (B,) 1.0 / 0.0."""
+        kept = [i for i, group in enumerate(groups) if group is not None]
+        if not kept:
+            return
+        codes = [zlib.crc32(groups[i].encode()) for i in kept]
+        self.names.update(zip(codes, (groups[i] for i in kept)))
+        self.codes.append(torch.tensor(codes, dtype=torch.int64, device=self.device))
+        self.correct.append(correct.detach().to(self.device, torch.float64)[kept])
+
+    def compute(self) -> dict[str, float]:
+        """Accuracy of each group seen, by name (empty when nothing was added)."""
+        if isinstance(self.codes, list) and not self.codes:
+            return {}
+        codes, correct = dim_zero_cat(self.codes), dim_zero_cat(self.correct)
+        return {self.names.get(code, str(code)): float(correct[codes == code].mean()) for code in codes.unique().tolist()}
 
 
 def _unit_interval(values: Tensor) -> Tensor:
@@ -165,6 +248,32 @@ class Diagnostics(torch.nn.Module):
             metrics["markers"] = ByCorrectness()
             metrics.update({f"marker/{slug}": ByCorrectness() for slug in slugs})
         self.metrics = torch.nn.ModuleDict(metrics)
+        self.means = torch.nn.ModuleDict({name: MeanMetric() for name in ("ess_share", "top10_loss_share", "grad_norm")})
+        self.groups = GroupAccuracy()
+
+    @torch.no_grad()
+    def update_shape(self, weights: Tensor, rollout_losses: Tensor, groups: list[str | None] | None = None,
+                      correct: Tensor | None = None) -> None:
+        """Add one micro-batch's shape of the update (labels not needed; rows without tokens count as 0).
+
+        Args:
+            weights: (B,) float32, the trained weights.
+            rollout_losses: (B,) float, each rollout's unweighted loss `L_i` (`renio_pl.losses.rollout_losses`).
+            groups: the B problems' groups (None: none), for accuracy per group when `correct` is set.
+            correct: (B,) float 1.0 / 0.0 verifier labels, or None.
+        """
+        ess = effective_sample_share(weights)
+        if ess is not None:
+            self.means["ess_share"].update(ess)
+        top = top_loss_share(weights.detach().double() * rollout_losses.detach().double().clamp(min=0))
+        if top is not None:
+            self.means["top10_loss_share"].update(top)
+        if groups is not None and correct is not None:
+            self.groups.update(groups, correct)
+
+    def update_grad_norm(self, norm: Tensor) -> None:
+        """Add one optimizer step's gradient norm (a 0-dim tensor)."""
+        self.means["grad_norm"].update(norm.detach().double())
 
     @torch.no_grad()
     def update(self, inputs: WeighterInputs, weights: Tensor, active: Weighter, texts: list[str] | None = None) -> None:
@@ -204,11 +313,16 @@ class Diagnostics(torch.nn.Module):
                 continue
             for part, value in metric.compute().items():
                 logged[_log_name(key, part)] = float(value)
+        for name, metric in self.means.items():
+            if metric.update_called:
+                logged[f"diag/{'' if name == 'grad_norm' else 'active/'}{name}"] = float(metric.compute())
+        if self.groups.update_called:
+            logged.update({f"diag/group_accuracy/{group}": value for group, value in self.groups.compute().items()})
         return logged
 
     def reset(self) -> None:
         """Start a new round."""
-        for metric in self.metrics.values():
+        for metric in [*self.metrics.values(), *self.means.values(), self.groups]:
             metric.reset()
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from renio_pl.errors import ConfigError
 
-__all__ = ["REDUCTIONS", "Loss", "ForwardKL", "ReverseKL", "GeneralizedJSD", "SampledReverseKL", "weighted_loss"]
+__all__ = ["REDUCTIONS", "Loss", "ForwardKL", "ReverseKL", "GeneralizedJSD", "SampledReverseKL", "weighted_loss", "rollout_losses"]
 
 # Teacher log-probs are floored here before entering a loss: a teacher that gives a sampled
 # token probability 0 (-inf) would otherwise make reverse KL infinite. exp(-1e4) is 0 in any dtype.
@@ -146,10 +146,24 @@ class SampledReverseKL(Loss):
         return (student_sampled - teacher_sampled).detach() * student_sampled
 
 
+def rollout_losses(token_loss: Tensor, mask: Tensor) -> Tensor:
+    """`L_i`, the mean of sample `i`'s token losses over its mask.
+
+    Args:
+        token_loss: (B, T) float per-token loss (0 or anything off the mask).
+        mask: (B, T) bool, True on generated tokens.
+    Returns:
+        (B,) float, 0 for a row without tokens.
+    """
+    mask = mask.to(token_loss.dtype)
+    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
 def weighted_loss(token_loss: Tensor, mask: Tensor, weights: Tensor, reduction: str = "sample") -> Tensor:
     """The batch loss from per-token values and per-sample weights.
 
-    `sample`: `mean_i w_i L_i`, `L_i` the mean of sample `i`'s token losses over its mask.
+    `sample`: `mean_i w_i L_i`, `L_i` the mean of sample `i`'s token losses over its mask
+    (`rollout_losses`).
     `token`: `sum_i w_i sum_{t in M_i} l_it / sum_i |M_i|` (uniform weights: the batch's summed
     token loss over its generated tokens). Lengths 1 and 4 with token losses [1] and
     [0, 0, 0, 0]: `sample` 0.5, `token` 0.2.
@@ -162,13 +176,12 @@ def weighted_loss(token_loss: Tensor, mask: Tensor, weights: Tensor, reduction: 
     Returns:
         () float32; a row without tokens contributes 0 (and nothing to the token count).
     """
-    mask = mask.to(token_loss.dtype)
-    summed = (token_loss * mask).sum(dim=1)  # (B,)
-    weights = weights.detach().to(summed.dtype)
+    weights = weights.detach().to(token_loss.dtype)
     if reduction == "sample":
-        return (weights * summed / mask.sum(dim=1).clamp(min=1.0)).mean()
+        return (weights * rollout_losses(token_loss, mask)).mean()
     if reduction == "token":
-        return (weights * summed).sum() / mask.sum().clamp(min=1.0)
+        mask = mask.to(token_loss.dtype)
+        return (weights * (token_loss * mask).sum(dim=1)).sum() / mask.sum().clamp(min=1.0)
     raise ValueError(f"reduction must be sample or token; got {reduction!r}")
 
 

@@ -23,11 +23,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torch.nn import ModuleDict
 
-from renio_pl.diagnostics import Diagnostics
+from renio_pl.diagnostics import Diagnostics, GroupAccuracy
 from renio_pl.errors import ConfigError, TrainingDiverged
 from renio_pl.evaluators.accuracy import accuracy_metrics, completion_record, compute_accuracy, update_accuracy
 from renio_pl.guards import check_fit_setup
-from renio_pl.losses import ForwardKL, Loss, weighted_loss
+from renio_pl.losses import ForwardKL, Loss, rollout_losses, weighted_loss
 from renio_pl.logprobs import TokenScores, completion_hidden_states, score_tokens
 from renio_pl.models import DType, LoRA, check_same_vocabulary, load_model, load_tokenizer
 from renio_pl.parallel import shard_student
@@ -176,6 +176,9 @@ class DistillationModule(pl.LightningModule):
         weights = self.weighter(inputs)  # (B,)
         self.last_weights = weights.detach()  # (B,) read by monitoring.TrainingMonitor's completions table
         loss = weighted_loss(scores.token_loss, batch.completion_mask, weights, self.loss.reduction)
+        if self.diagnostics is not None:
+            per_rollout = rollout_losses(scores.token_loss.detach(), batch.completion_mask)  # (B,)
+            self.diagnostics.update_shape(weights, per_rollout, batch.groups, batch.correct)
         # One collective for both decisions: processes with a non-finite loss, processes with a kept rollout.
         flags = torch.stack([(~torch.isfinite(loss.detach())).float(), (weights.sum() > 0).float()])
         non_finite, kept = self.trainer.strategy.reduce(flags, reduce_op="sum").tolist()
@@ -184,6 +187,17 @@ class DistillationModule(pl.LightningModule):
         skipped = kept == 0
         self._log_training(batch, inputs, weights, loss, skipped)
         return None if skipped else loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Logs the gradient's global L2 norm (`train/grad_norm`, and its round mean in the diagnostics)."""
+        if self.diagnostics is None:
+            return
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+            self.diagnostics.update_grad_norm(norm)
+            self.log("train/grad_norm", norm.detach(), batch_size=1)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The update; then stops the run, before any checkpoint of it, if it made a weight NaN or inf."""
@@ -235,6 +249,7 @@ class DistillationModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage in ("fit", "validate"):
             self.val_metrics = accuracy_metrics(_samples_per_problem(datamodule, "val_sampling"), self.pass_at_k)
+            self.val_groups = GroupAccuracy()
         if stage == "test":
             n = _samples_per_problem(datamodule, "test_sampling")
             self.test_metrics = ModuleDict({
@@ -246,12 +261,23 @@ class DistillationModule(pl.LightningModule):
 
     def validation_step(self, batch: list[Rollout], batch_idx: int) -> None:
         update_accuracy(self.val_metrics, batch, self.device)
+        graded = [r for r in batch if r.correct is not None]
+        self.val_groups.update([r.group for r in graded], torch.tensor([float(r.correct) for r in graded]))
+
+    def _validation_results(self) -> dict[str, float]:
+        """Held-out metrics as logged (`val/...`, with `val/group_accuracy/<group>` when the data has groups); then reset."""
+        results = _validation_names(compute_accuracy(self.val_metrics))
+        if self.val_groups.update_called:
+            results.update({f"val/group_accuracy/{g}": value for g, value in self.val_groups.compute().items()})
+        self.val_groups.reset()
+        return results
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             self.val_metrics.reset()
+            self.val_groups.reset()
             return
-        results = _validation_names(compute_accuracy(self.val_metrics))
+        results = self._validation_results()
         if results:
             self.log_dict(results, prog_bar=True, sync_dist=True)  # equal on every rank already
 
@@ -275,8 +301,8 @@ class DistillationModule(pl.LightningModule):
         metrics = {"data/dropped_prompts": float(getattr(datamodule, "dropped_prompts", 0))}
         if self.evaluate_before_fit and getattr(datamodule, "val_rows", None):
             for batch in datamodule.val_dataloader():
-                update_accuracy(self.val_metrics, batch, self.device)
-            metrics.update(_validation_names(compute_accuracy(self.val_metrics)))
+                self.validation_step(batch, 0)
+            metrics.update(self._validation_results())
             if self.trainer.is_global_zero and "val/accuracy" in metrics:
                 log.info("held-out accuracy before training: %.4f", metrics["val/accuracy"])
         for logger in self.loggers:

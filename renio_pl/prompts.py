@@ -37,12 +37,14 @@ class PromptRow:
         problem: the problem text, before the template.
         answer: the reference final answer, or None when the data has none.
         solution: the reference solution (OPSD's privileged context), or None.
+        group: the problem's group (e.g. `carry`), for accuracy per group; None when the data has none.
     """
 
     index: int
     problem: str
     answer: str | None = None
     solution: str | None = None
+    group: str | None = None
 
 
 def _looks_like_path(source: str) -> bool:
@@ -57,6 +59,7 @@ def load_rows(
     option: str = "data.train_path",
     answer_after: str | None = None,
     solution_field: str | None = None,
+    group_field: str | None = None,
 ) -> list[PromptRow]:
     """Read problems from a jsonl / parquet file or a hub data set id, through `datasets`.
 
@@ -73,6 +76,7 @@ def load_rows(
         answer_after: a marker the answer follows (GSM8K: `"####"`); each answer becomes the
             stripped text after its last occurrence. None keeps answers whole.
         solution_field: column holding the reference solution (OPSD), or None for none.
+        group_field: column holding each problem's group (diagnostics only), or None for none.
     Returns:
         One `PromptRow` per record, in file order.
     Raises:
@@ -85,7 +89,7 @@ def load_rows(
         )
     data = load_table(source, split, option)
     require_columns(data, source, option, {"prompt_field": prompt_field, "answer_field": answer_field,
-                                           "solution_field": solution_field})
+                                           "solution_field": solution_field, "group_field": group_field})
     problems = data[prompt_field]
     answers = data[answer_field] if answer_field is not None else [None] * len(data)
     answers = [None if a is None else str(a) for a in answers]
@@ -107,7 +111,8 @@ def load_rows(
                 f"{option}: record {empty} of {source} has no reference solution in column {solution_field!r} "
                 "(data.solution_field); OPSD's teacher needs one for every problem"
             )
-    return [PromptRow(i, str(p), a, sol) for i, (p, a, sol) in enumerate(zip(problems, answers, solutions))]
+    groups = [None if g is None else str(g) for g in data[group_field]] if group_field else [None] * len(data)
+    return [PromptRow(i, str(p), a, sol, g) for i, (p, a, sol, g) in enumerate(zip(problems, answers, solutions, groups))]
 
 
 def load_table(source: str, split: str = "train", option: str = "data.train_path") -> datasets.Dataset | _JsonLines:

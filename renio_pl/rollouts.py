@@ -78,6 +78,7 @@ class Rollout:
         teacher_prompt_ids: the teacher's own prompt (OPSD: with the reference solution; TRD:
             the rewrite prompt), or None when the teacher reads the student's prompt.
         verdict: a finer verdict from a batch verifier (code: `pass`, `base:fail`, ...), or None.
+        group: its problem's group (`PromptRow.group`), or None.
     """
 
     prompt_ids: list[int]
@@ -91,6 +92,7 @@ class Rollout:
     final_answer: str | None = None
     teacher_prompt_ids: list[int] | None = None
     verdict: str | None = None
+    group: str | None = None
 
 
 @dataclass
@@ -111,6 +113,7 @@ class RolloutBatch:
         teacher_prompt_length: `P_T`, or None.
         texts: the B decoded completions (`Rollout.text`), read by the diagnostics (epistemic
             markers), or None.
+        groups: the B problems' groups (`Rollout.group`, None for none), read by the diagnostics, or None.
     """
 
     input_ids: Tensor
@@ -124,6 +127,7 @@ class RolloutBatch:
     teacher_attention_mask: Tensor | None = None
     teacher_prompt_length: int | None = None
     texts: list[str] | None = None
+    groups: list[str | None] | None = None
 
     def teacher_inputs(self) -> tuple[Tensor, Tensor, int]:
         """(input_ids, attention_mask, prompt_length) the teacher scores the completions after."""
@@ -173,6 +177,7 @@ def collate_rollouts(rollouts: list[Rollout], pad_token_id: int) -> RolloutBatch
         teacher_attention_mask=teacher[1],
         teacher_prompt_length=teacher[2],
         texts=[r.text for r in rollouts],
+        groups=[r.group for r in rollouts],
     )
 
 

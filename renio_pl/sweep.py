@@ -1,22 +1,36 @@
-"""`renio-pl-sweep`: one option over several values and seeds, each value and seed a `renio-pl fit` process.
+"""`renio-pl-sweep`: options over several values and seeds, each combination and seed a `renio-pl fit` process.
 
     renio-pl-sweep --config configs/demo.yaml --param model.weighter.init_args.threshold \\
         --values 0.4 0.8 1.2 --seeds 0 1 2 --out runs/sweep [-- MORE FIT OPTIONS]
 
+A grid: repeat `--param ... --values ...`; every combination of the values runs, and
+`--best-over PARAM` (usually the learning rate) adds a table that gives each combination of
+the other options at its own best value of PARAM (the highest mean final accuracy), the same
+grid for every method:
+
+    renio-pl-sweep --config configs/demo.yaml \\
+        --param model.weighter --values uniform=UniformWeighter renio=ReNIOWeighter \\
+        --param model.optimizer.init_args.lr --values 1e-4 3e-4 \\
+        --best-over model.optimizer.init_args.lr --seeds 0 1 2 3 4 --out runs/grid
+
 A value is anything `renio-pl fit --<param>` takes: a number, a class name, or a YAML / JSON
 mapping (`'{class_path: OracleWeighter, init_args: {mode: incorrect_only}}'`); write
 `label=value` to name it in the tables (otherwise the value is its label). The run of a
-value and seed trains in `OUT/<label>/seed<seed>` with `--seed_everything <seed>
---data.seed <seed>` (the data seed keys prompt order and sampling) and logs there with a
-CSVLogger. Every command is parsed (`--print_config`) before any run starts, so a typo stops
-the sweep at once: one line, `error: ...`, exit status 2. A run whose `result.json` records
-the same command is not run again, so an interrupted sweep continues where it stopped.
+combination and seed trains in `OUT/<label>/.../seed<seed>` (one folder level per option)
+with `--seed_everything <seed> --data.seed <seed>` (the data seed keys prompt order and
+sampling) and logs there with a CSVLogger. Every command is parsed (`--print_config`) before
+any run starts, so a typo stops the sweep at once: one line, `error: ...`, exit status 2. A
+run whose `result.json` records the same command is not run again, so an interrupted sweep
+continues where it stopped.
 
-Writes `OUT/runs.csv` (one row per run), `OUT/sweep.csv` and `OUT/sweep.md` (mean and
-sample std over seeds per value of the final and best `val/accuracy` and of the active
-weighter's AUROC for an incorrect rollout; see `renio_pl.report.summarize`) and
-`OUT/sweep.png` (`val/accuracy` and that AUROC over training, mean over seeds). Exit
-status 1 when a run failed (its log is `OUT/<label>/seed<seed>/fit.log`).
+Writes `OUT/runs.csv` (one row per run), `OUT/sweep.csv` and `OUT/sweep.md` (per
+combination: the mean, sample std and 95% interval over seeds (Student's t) of the final and
+best `val/accuracy`, the active weighter's AUROC for an incorrect rollout
+(`renio_pl.report.summarize`), and the update's shape: the weights' effective sample share,
+the loss share of the top 10% of rollouts and the gradient norm, means over rounds, and the
+final held-out accuracy of each problem group (`renio_pl.diagnostics`)), `OUT/best.md` with
+`--best-over`, and `OUT/sweep.png` (`val/accuracy` and that AUROC over training, mean over
+seeds). Exit status 1 when a run failed (its log is `OUT/<label>/.../seed<seed>/fit.log`).
 """
 
 from __future__ import annotations
@@ -32,36 +46,48 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from itertools import product
+from math import sqrt
 from statistics import mean, stdev
 
 from renio_pl.callbacks import plot_series, read_series
 from renio_pl.errors import ConfigError
 from renio_pl.report import OneLineParser, find_metrics, summarize
 
-__all__ = ["SweepRun", "sweep_runs", "aggregate", "main"]
+__all__ = ["SweepRun", "sweep_runs", "aggregate", "interval95", "best_over", "run_metrics", "main"]
 
 log = logging.getLogger(__name__)
 
 SWEPT_BY_THE_SWEEP = ("seed_everything", "data.seed", "trainer.default_root_dir", "trainer.logger")
 METRICS = ("final_accuracy", "best_accuracy", "auroc_last_round", "auroc_over_rounds")
+MECHANISM = {  # summary name -> the diagnostic averaged over rounds
+    "ess_share": "diag/active/ess_share", "top10_loss_share": "diag/active/top10_loss_share", "grad_norm": "diag/grad_norm",
+}
+GROUP_PREFIX = "val/group_accuracy/"
 
 
 @dataclass
 class SweepRun:
-    """One `renio-pl fit` of the sweep: a value of the option, a seed, and its folder."""
+    """One `renio-pl fit` of the sweep: a value of each option, a seed, and its folder.
+
+    `label` and `value` join the options' labels (`,`) and values (` | `); `options` holds
+    `(param, label, value)` per swept option.
+    """
 
     label: str
     value: str
     seed: int
     folder: Path
+    options: tuple[tuple[str, str, str], ...] = ()
 
-    def fit_args(self, config: Path, param: str, extra: list[str]) -> list[str]:
+    def fit_args(self, config: Path, extra: list[str]) -> list[str]:
         """The `renio-pl` arguments of this run."""
         logger = {
             "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(self.folder), "name": ""}
         }
+        settings = [arg for param, _, value in self.options for arg in (f"--{param}", value)]
         return [
-            "fit", "--config", str(config), *extra, f"--{param}", self.value,
+            "fit", "--config", str(config), *extra, *settings,
             "--seed_everything", str(self.seed), "--data.seed", str(self.seed),
             "--trainer.default_root_dir", str(self.folder), "--trainer.logger", json.dumps(logger),
         ]
@@ -73,23 +99,66 @@ def _labelled(value: str) -> tuple[str, str]:
     return (named.group(1), named.group(2)) if named else (" ".join(value.split()), value)
 
 
-def sweep_runs(param: str, values: list[str], seeds: list[int], out: Path) -> list[SweepRun]:
-    """One run per (value, seed), value-major."""
-    if any(param == name or param.startswith(name + ".") for name in SWEPT_BY_THE_SWEEP):
-        raise ConfigError(
-            f"--param {param}: the sweep sets {', '.join(SWEPT_BY_THE_SWEEP)} itself; sweep --seeds instead"
-        )
-    labelled = [_labelled(v) for v in values]
-    labels = [label for label, _ in labelled]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"--values: labels must differ; got {labels}")
+def sweep_runs(
+    params: str | list[str], values: list[str] | list[list[str]], seeds: list[int], out: Path
+) -> list[SweepRun]:
+    """One run per (combination of values, seed), in the order of the options then the seeds.
+
+    Args:
+        params: the option, or the options of a grid.
+        values: its values, or one list of values per option.
+    """
+    if isinstance(params, str):
+        params, values = [params], [values]
+    if len(params) != len(values):
+        raise ConfigError(f"give one --values after each --param; got {len(params)} --param and {len(values)} --values")
+    if len(set(params)) != len(params):
+        raise ConfigError(f"--param: options must differ; got {params}")
+    grid = []
+    for param, option_values in zip(params, values):
+        if any(param == name or param.startswith(name + ".") for name in SWEPT_BY_THE_SWEEP):
+            raise ConfigError(
+                f"--param {param}: the sweep sets {', '.join(SWEPT_BY_THE_SWEEP)} itself; sweep --seeds instead"
+            )
+        labelled = [_labelled(v) for v in option_values]
+        labels = [label for label, _ in labelled]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"--values of {param}: labels must differ; got {labels}")
+        grid.append([(param, label, value) for label, value in labelled])
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must differ; got {seeds}")
-    return [
-        SweepRun(label, value, seed, out / re.sub(r"[^\w.=-]+", "_", label) / f"seed{seed}")
-        for label, value in labelled
-        for seed in seeds
-    ]
+    runs = []
+    for options in product(*grid):
+        folder = out.joinpath(*(re.sub(r"[^\w.=-]+", "_", label) for _, label, _ in options))
+        label, value = ",".join(o[1] for o in options), " | ".join(o[2] for o in options)
+        runs += [SweepRun(label, value, seed, folder / f"seed{seed}", tuple(options)) for seed in seeds]
+    return runs
+
+
+def run_metrics(series: dict) -> dict[str, float | None]:
+    """A run's summary (`renio_pl.report.summarize`), the update's shape (means over rounds, see `MECHANISM`)
+    and each group's final held-out accuracy (`final_group_accuracy/<group>`)."""
+    metrics = summarize(series)
+    for name, logged in MECHANISM.items():
+        values = [value for _, value in series.get(logged, [])]
+        metrics[name] = mean(values) if values else None
+    for logged, points in series.items():
+        if logged.startswith(GROUP_PREFIX):
+            metrics["final_group_accuracy/" + logged.removeprefix(GROUP_PREFIX)] = sorted(points)[-1][1]
+    return metrics
+
+
+# Two-sided 95% quantiles of Student's t with `n - 1` degrees of freedom, n = 2..30 (beyond: 1.96).
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045]
+
+
+def interval95(values: list[float]) -> float | None:
+    """Half-width of the 95% interval of the mean, `t_{0.975, n-1} s / sqrt(n)` (None under two values)."""
+    n = len(values)
+    if n < 2:
+        return None
+    return (_T95[n - 2] if n <= 30 else 1.96) * stdev(values) / sqrt(n)
 
 
 def check_command(args: list[str]) -> None:
@@ -123,51 +192,84 @@ def run_fit(run: SweepRun, args: list[str]) -> dict:
     result = {"label": run.label, "value": run.value, "seed": run.seed, "command": args, "returncode": done.returncode,
               "seconds": round(time.perf_counter() - start, 1), "metrics": {}}
     if done.returncode == 0:
-        result["metrics"] = summarize(read_series(find_metrics(run.folder)))
+        result["metrics"] = run_metrics(read_series(find_metrics(run.folder)))
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
 
 def aggregate(results: list[dict]) -> list[dict]:
-    """Per label (in order of appearance): successful seeds, and mean and sample std of each metric over them.
+    """Per label (in order of appearance): successful seeds, and mean, sample std and 95% interval
+    (`interval95`) of each metric over them.
 
-    A metric a run did not log is left out of its mean; std needs two values (else None).
+    A metric a run did not log is left out of its mean; std and the interval need two values (else None).
     """
     rows = []
     for label in dict.fromkeys(r["label"] for r in results):
         done = [r for r in results if r["label"] == label and r["returncode"] == 0]
         row = {"label": label, "value": next(r["value"] for r in results if r["label"] == label), "seeds": len(done)}
-        for metric in METRICS:
+        logged = [*METRICS, *(m for m in dict.fromkeys(k for r in done for k in r["metrics"]) if m not in METRICS
+                              and m != "initial_accuracy")]
+        for metric in logged:
             values = [r["metrics"][metric] for r in done if r["metrics"].get(metric) is not None]
             row[f"{metric}_mean"] = mean(values) if values else None
             row[f"{metric}_std"] = stdev(values) if len(values) > 1 else None
+            row[f"{metric}_ci95"] = interval95(values)
         rows.append(row)
     return rows
 
 
+def best_over(rows: list[dict], runs: list[SweepRun], param: str, metric: str = "final_accuracy") -> list[dict]:
+    """For each combination of the other options, the row of the value of `param` with the highest mean `metric`.
+
+    Returns the chosen rows, in order of first appearance, each with `best_value` (the label of
+    `param`'s value chosen) and `others` (the other options' labels, joined by `,`).
+    """
+    options = {run.label: run.options for run in runs}
+    chosen: dict[str, dict] = {}
+    for row in rows:
+        settings = options[row["label"]]
+        others = ",".join(label for name, label, _ in settings if name != param)
+        value = next(label for name, label, _ in settings if name == param)
+        score = row.get(f"{metric}_mean")
+        best = chosen.get(others)
+        if others not in chosen or (score is not None and (best[f"{metric}_mean"] is None or score > best[f"{metric}_mean"])):
+            chosen[others] = {**row, "best_value": value, "others": others}
+    return list(chosen.values())
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def sweep_markdown(param: str, rows: list[dict]) -> str:
-    """The sweep table: accuracies in %, AUROC as a fraction, each `mean ± std` over seeds."""
+def _cell(row: dict, metric: str, scale: float, digits: int) -> str:
+    """`mean ± half-width of the 95% interval` (the mean alone with one seed; empty when not logged)."""
+    mean_value, half = row.get(f"{metric}_mean"), row.get(f"{metric}_ci95")
+    if mean_value is None:
+        return ""
+    return f"{scale * mean_value:.{digits}f}" + ("" if half is None else f" ± {scale * half:.{digits}f}")
 
-    def cell(row: dict, metric: str, scale: float, digits: int) -> str:
-        mean_value, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-        if mean_value is None:
-            return ""
-        return f"{scale * mean_value:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
 
-    header = ["value", "seeds", "final val acc (%)", "best val acc (%)", "AUROC incorrect (last round)",
-              "AUROC incorrect (mean over rounds)"]
-    lines = [f"# Sweep over `{param}`\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def sweep_markdown(param: str, rows: list[dict], title: str | None = None, first: str = "value") -> str:
+    """The sweep table: accuracies in %, AUROC and shares as fractions, each `mean ± 95% interval` over seeds."""
+    groups = sorted({m.removesuffix("_mean") for row in rows for m in row if m.startswith("final_group_accuracy/")
+                     and m.endswith("_mean")})
+    columns = [("final val acc (%)", "final_accuracy", 100, 1), ("best val acc (%)", "best_accuracy", 100, 1),
+               ("AUROC incorrect (last round)", "auroc_last_round", 1, 3),
+               ("AUROC incorrect (mean over rounds)", "auroc_over_rounds", 1, 3),
+               *((f"final acc {g.split('/', 1)[1]} (%)", g, 100, 1) for g in groups),
+               ("ESS share", "ess_share", 1, 3), ("top-10% loss share", "top10_loss_share", 1, 3),
+               ("grad norm", "grad_norm", 1, 3)]
+    columns = [c for c in columns if any(row.get(f"{c[1]}_mean") is not None for row in rows)]
+    header = [first, "seeds", *(c[0] for c in columns)]
+    lines = [title or f"# Sweep over `{param}`\n", "Each cell: mean ± half-width of the 95% interval over seeds "
+             "(Student's t).\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [cell(row, "final_accuracy", 100, 1), cell(row, "best_accuracy", 100, 1),
-                 cell(row, "auroc_last_round", 1, 3), cell(row, "auroc_over_rounds", 1, 3)]
-        lines.append("| " + " | ".join([f"`{row['label']}`", str(row["seeds"]), *cells]) + " |")
+        name = row["label"] if first == "value" else f"{row['others']} (best: {row['best_value']})"
+        cells = [_cell(row, metric, scale, digits) for _, metric, scale, digits in columns]
+        lines.append("| " + " | ".join([f"`{name}`", str(row["seeds"]), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -202,8 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     own = argv[: argv.index("--")] if "--" in argv else argv
     parser = OneLineParser(prog="renio-pl-sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="the renio-pl fit config every run starts from")
-    parser.add_argument("--param", required=True, help="the option to sweep, e.g. model.weighter.init_args.threshold")
-    parser.add_argument("--values", nargs="+", required=True, help="its values, each `value` or `label=value`")
+    parser.add_argument("--param", required=True, action="append",
+                        help="an option to sweep, e.g. model.weighter.init_args.threshold (repeat for a grid)")
+    parser.add_argument("--values", nargs="+", required=True, action="append",
+                        help="its values, each `value` or `label=value` (one --values after each --param)")
+    parser.add_argument("--best-over", help="one of the --param options (e.g. the learning rate): also tabulate each "
+                        "combination of the others at its best value of it (highest mean final accuracy)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of each value (default: 0)")
     parser.add_argument("--out", type=Path, required=True, help="the sweep's folder")
     args = parser.parse_args(own)
@@ -212,12 +318,14 @@ def main(argv: list[str] | None = None) -> None:
         if not args.config.is_file():
             raise ConfigError(f"--config {args.config} is not a file")
         runs = sweep_runs(args.param, args.values, args.seeds, args.out)
-        commands = [run.fit_args(args.config, args.param, extra) for run in runs]
+        if args.best_over is not None and args.best_over not in args.param:
+            raise ConfigError(f"--best-over {args.best_over} must be one of the --param options ({', '.join(args.param)})")
+        commands = [run.fit_args(args.config, extra) for run in runs]
         for run, command in zip(runs, commands):
             try:
                 check_command(command)
             except ConfigError as error:
-                raise ConfigError(f"value {run.value!r} of --param {args.param}: {error}") from None
+                raise ConfigError(f"value {run.value!r} of --param {', '.join(args.param)}: {error}") from None
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(2) from None
@@ -230,13 +338,20 @@ def main(argv: list[str] | None = None) -> None:
                  {k: v for k, v in result["metrics"].items() if v is not None})
         results.append(result)
     _write_csv(args.out / "runs.csv", [{"label": r["label"], "value": r["value"], "seed": r["seed"],
-                                        "returncode": r["returncode"], **{m: r["metrics"].get(m) for m in METRICS}}
-                                       for r in results])
+                                        "returncode": r["returncode"], **r["metrics"]} for r in results])
     rows = aggregate(results)
     _write_csv(args.out / "sweep.csv", rows)
-    (args.out / "sweep.md").write_text(sweep_markdown(args.param, rows))
+    names = ", ".join(f"`{p}`" for p in args.param)
+    table = sweep_markdown(names, rows, f"# Sweep over {names}\n")
+    (args.out / "sweep.md").write_text(table)
+    if args.best_over is not None:
+        best = best_over(rows, runs, args.best_over)
+        table = sweep_markdown(names, best, f"# Each at its best `{args.best_over}` (highest mean final accuracy)\n",
+                               first="options")
+        (args.out / "best.md").write_text(table)
+        _write_csv(args.out / "best.csv", best)
     plot_sweep(runs, results, args.out / "sweep.png")
-    log.info("\n%s\nsweep: %s", sweep_markdown(args.param, rows), args.out)
+    log.info("\n%s\nsweep: %s", table, args.out)
     if any(r["returncode"] != 0 for r in results):
         raise SystemExit(1)
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from renio_pl.datamodule import OnPolicyDataModule
-from renio_pl.diagnostics import ByCorrectness, Diagnostics, count_markers
+from renio_pl.diagnostics import (
+    ByCorrectness, Diagnostics, GroupAccuracy, count_markers, effective_sample_share, top_loss_share,
+)
 from renio_pl.errors import ConfigError
 from renio_pl.module import DistillationModule
 from renio_pl.rollouts import SamplingConfig
@@ -124,6 +126,45 @@ def test_diagnostics_of_one_round_worked_by_hand():
     assert diagnostics.compute() == {}
 
 
+def test_effective_sample_share_and_top_loss_share_worked_by_hand():
+    # (3 + 1 + 2 + 0.5)^2 / (4 (9 + 1 + 4 + 0.25)) = 42.25 / 57
+    assert float(effective_sample_share(torch.tensor([3.0, 1.0, 2.0, 0.5]))) == pytest.approx(42.25 / 57)
+    assert float(effective_sample_share(torch.ones(8))) == 1.0
+    assert float(effective_sample_share(torch.tensor([0.0, 2.0, 0.0, 2.0]))) == 0.5  # two of four carry it all
+    assert effective_sample_share(torch.zeros(3)) is None
+    # contributions 3, 2, 1, 2 of 8: the top ceil(0.1 * 4) = 1 rollout carries 3/8
+    assert float(top_loss_share(torch.tensor([3.0, 2.0, 1.0, 2.0]))) == 0.375
+    # 20 rollouts: the top 2 (5 and 4) of a total 5 + 4 + 18 * 0.5 = 18
+    assert float(top_loss_share(torch.tensor([5.0, 4.0] + [0.5] * 18))) == pytest.approx(9 / 18)
+    assert top_loss_share(torch.zeros(4)) is None
+
+
+def test_group_accuracy_per_named_group():
+    metric = GroupAccuracy()
+    metric.update(["carry", "no_carry", None, "carry"], torch.tensor([0.0, 1.0, 1.0, 1.0]))  # None: left out
+    metric.update(["carry"], torch.tensor([0.0]))
+    assert metric.compute() == pytest.approx({"carry": 1 / 3, "no_carry": 1.0})
+
+
+def test_the_shape_of_the_update_per_round_worked_by_hand():
+    diagnostics = Diagnostics({}, markers=[])
+    diagnostics.update_shape(torch.tensor([3.0, 1.0, 2.0, 0.5]), torch.tensor([1.0, 2.0, 0.5, 4.0]),
+                             ["carry", "no_carry", "carry", "no_carry"], torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    diagnostics.update_shape(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.ones(4))  # no labels: no group accuracy
+    diagnostics.update_grad_norm(torch.tensor(2.0))
+    diagnostics.update_grad_norm(torch.tensor(4.0))
+    logged = diagnostics.compute()
+    assert logged == pytest.approx({
+        "diag/active/ess_share": (42.25 / 57 + 0.5) / 2,  # batch 2: 2^2 / (4 * 2)
+        # batch 1: contributions 3, 2, 1, 2 -> 3/8; batch 2: 1, 1, 0, 0 -> 1/2
+        "diag/active/top10_loss_share": (0.375 + 0.5) / 2,
+        "diag/grad_norm": 3.0,
+        "diag/group_accuracy/carry": 0.5, "diag/group_accuracy/no_carry": 1.0,
+    })
+    diagnostics.reset()
+    assert diagnostics.compute() == {}
+
+
 def test_diagnostic_weighters_keep_their_own_state_and_the_active_one_moves_once():
     inputs, texts = _batch()
     active = ReNIOWeighter(normalization="ema")
@@ -145,6 +186,17 @@ def test_bad_diagnostics_settings_name_the_option():
         Diagnostics(markers=["Wait", "wait"])
 
 
+def _grouped(prompt_file: Path, folder: Path) -> Path:
+    """The prompt file with a `group` field: `even` / `odd` by the problem's first number."""
+    import json
+
+    path = folder / "grouped.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in prompt_file.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**row, "group": ["even", "odd"][i % 2]}) + "\n" for i, row in enumerate(rows)))
+    return path
+
+
 def _fit(model_dirs, prompt_file, folder: Path, diagnostics: bool) -> tuple[list[dict], dict]:
     """4 steps (2 rounds of 8 rollouts) of ReNIO distillation with the even-length verifier; default diagnostics or none."""
     student, teacher = str(model_dirs["student"]), str(model_dirs["teacher"])
@@ -153,7 +205,7 @@ def _fit(model_dirs, prompt_file, folder: Path, diagnostics: bool) -> tuple[list
     data = OnPolicyDataModule(
         str(prompt_file), tokenizer=student, val_path=str(prompt_file), sampling=SamplingConfig(n=2, max_new_tokens=5),
         val_sampling=SamplingConfig(n=1, temperature=0.0, max_new_tokens=3), prompts_per_epoch=4, batch_size=4,
-        verifier=even_length,
+        verifier=even_length, group_field="group",
     )
     trainer = pl.Trainer(
         max_steps=4, accelerator="cpu", logger=pl.loggers.CSVLogger(folder), enable_checkpointing=False,
@@ -166,8 +218,9 @@ def _fit(model_dirs, prompt_file, folder: Path, diagnostics: bool) -> tuple[list
 
 
 def test_a_real_fit_logs_round_diagnostics_and_trains_exactly_as_without(model_dirs, prompt_file, tmp_path):
-    on_rows, on_student = _fit(model_dirs, prompt_file, tmp_path / "on", True)
-    off_rows, off_student = _fit(model_dirs, prompt_file, tmp_path / "off", False)
+    grouped = _grouped(prompt_file, tmp_path)
+    on_rows, on_student = _fit(model_dirs, grouped, tmp_path / "on", True)
+    off_rows, off_student = _fit(model_dirs, grouped, tmp_path / "off", False)
     losses = [[r["train/loss"] for r in rows if r.get("train/loss")] for rows in (on_rows, off_rows)]
     assert len(losses[0]) == 4 and losses[0] == losses[1]  # the same losses, to the last digit logged
     assert all(torch.equal(on_student[k], off_student[k]) for k in on_student)  # hence the same gradients
@@ -183,3 +236,17 @@ def test_a_real_fit_logs_round_diagnostics_and_trains_exactly_as_without(model_d
     uniform = [float(r["diag/uniform/auroc_incorrect"]) for r in rounds if r["diag/uniform/auroc_incorrect"]]
     assert uniform and all(value == 0.5 for value in uniform)  # equal weights rank nothing
     assert all(math.isfinite(float(v)) for r in rounds for k, v in r.items() if k.startswith("diag/") and v)
+    # the update's shape: one gradient norm per step, their mean per round; ESS share in (0, 1]
+    norms = [(int(r["epoch"]), float(r["train/grad_norm"])) for r in on_rows if r.get("train/grad_norm")]
+    assert len(norms) == 4 and all(n > 0 for _, n in norms)
+    for r in rounds:
+        of_round = [n for epoch, n in norms if epoch == int(r["epoch"])]
+        assert float(r["diag/grad_norm"]) == pytest.approx(sum(of_round) / len(of_round), rel=1e-5)
+        assert 0 < float(r["diag/active/ess_share"]) <= 1 and 0.1 <= float(r["diag/active/top10_loss_share"]) <= 1
+        assert {"diag/group_accuracy/even", "diag/group_accuracy/odd"} <= {k for k, v in r.items() if v}
+    # held-out accuracy per group, before training and after each round; its groups average to the whole
+    evaluations = [r for r in on_rows if r.get("val/accuracy")]
+    assert len(evaluations) == 3
+    for r in evaluations:  # 12 problems, 6 per group
+        mean_of_groups = (float(r["val/group_accuracy/even"]) + float(r["val/group_accuracy/odd"])) / 2
+        assert mean_of_groups == pytest.approx(float(r["val/accuracy"]))

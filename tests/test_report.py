@@ -133,7 +133,8 @@ def test_sweep_runs_labels_folders_and_refuses_what_it_sets_itself(tmp_path):
         ("oracle", "{class_path: OracleWeighter}", 0), ("oracle", "{class_path: OracleWeighter}", 1),
     ]
     assert runs[3].folder == tmp_path / "oracle" / "seed1"
-    args = runs[3].fit_args(Path("c.yaml"), "model.weighter", ["--trainer.max_epochs", "2"])
+    args = runs[3].fit_args(Path("c.yaml"), ["--trainer.max_epochs", "2"])
+    assert args[args.index("--model.weighter") + 1] == "{class_path: OracleWeighter}"
     assert args[args.index("--seed_everything") + 1] == "1" and args[args.index("--data.seed") + 1] == "1"
     with pytest.raises(ConfigError, match="sets seed_everything"):
         sweep_runs("data.seed", ["1"], [0], tmp_path)

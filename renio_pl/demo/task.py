@@ -1,12 +1,17 @@
-"""The demo task: two-digit addition, answer digits written least-significant first.
+"""The demo tasks: two-digit addition, answered directly or as a short reasoning trace.
 
-`07+85=` is answered `290` (92 zero-padded to `092`, reversed), then EOS. A verifier checks
-answers exactly; a character tokenizer keeps models tiny. `build_assets` writes everything the
-demo config reads: a train / held-out split of all 10,000 problems as jsonl, a tokenizer with
-a chat template, and two random-init Qwen3 models trained by supervised fine-tuning for
-different data: a larger teacher trained on every training problem, and a smaller student
-that never saw a units carry (it solves carry-free problems and fails the others), so the
-teacher has something specific to teach.
+`answer` (the default demo): `07+85=` is answered `290` (92 zero-padded to `092`, reversed),
+then EOS. `trace` (the reasoning demo): the sum is written out digit by digit with its carries,
+units first, then the answer: `07+85=` is answered `7+5+0=12;0+8+1=09;092`. Each step reads
+`a+b+c=` (the digits and the carry in) and its two-digit sum, whose first digit is the next
+step's carry, so a wrong early step (a carry dropped) makes the answer wrong: the pivotal
+tokens sit inside the trajectory. A verifier checks answers exactly; a character tokenizer
+keeps models tiny. `build_assets` writes everything a demo config reads: a train / held-out
+split of all 10,000 problems as jsonl (each row with its `group`, `carry` or `no_carry`:
+whether the units digits carry), a tokenizer with a chat template, and two random-init Qwen3
+models trained by supervised fine-tuning for different data: a teacher trained on every
+training problem, and a student that never saw a units carry (it solves carry-free problems
+and fails the others), so the teacher has something specific to teach.
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-__all__ = ["DemoSpec", "build_assets", "make_tokenizer", "problem", "answer"]
+__all__ = ["DemoSpec", "reasoning_spec", "build_assets", "make_tokenizer", "problem", "answer", "trace", "completion", "group"]
 
 log = logging.getLogger(__name__)
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
-CHARACTERS = list("0123456789+=")
+CHARACTERS = list("0123456789+=")  # the `trace` task adds `;`
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
@@ -39,6 +44,23 @@ def problem(a: int, b: int) -> str:
 def answer(a: int, b: int) -> str:
     """The sum zero-padded to three digits, written least-significant digit first."""
     return f"{a + b:03d}"[::-1]
+
+
+def trace(a: int, b: int) -> str:
+    """The sum worked digit by digit, units first (`a+b+carry=two-digit sum;`), then the 3-digit sum."""
+    units = a % 10 + b % 10
+    tens = a // 10 + b // 10 + units // 10
+    return f"{a % 10}+{b % 10}+0={units:02d};{a // 10}+{b // 10}+{units // 10}={tens:02d};{a + b:03d}"
+
+
+def group(a: int, b: int) -> str:
+    """`carry` when the units digits carry, else `no_carry` (the student never saw a carry)."""
+    return "carry" if a % 10 + b % 10 >= 10 else "no_carry"
+
+
+def completion(task: str, a: int, b: int) -> str:
+    """The completion the verifier accepts for `task` (`answer` or `trace`)."""
+    return trace(a, b) if task == "trace" else answer(a, b)
 
 
 def make_tokenizer(characters: str = "".join(CHARACTERS), chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
@@ -75,7 +97,17 @@ class DemoSpec:
     student: ModelSpec = field(default_factory=lambda: ModelSpec(128, 3, 4, 256, sft_steps=400, seed=2))
     student_sees_carries: bool = False
     split_seed: int = 0
-    version: int = 2
+    task: str = "answer"  # `answer` or `trace` (see the module docstring)
+    version: int = 3
+
+
+def reasoning_spec() -> DemoSpec:
+    """The reasoning demo's assets: the `trace` task, with SFT batches of 64 so both models build in minutes on
+    2 CPU cores (a trace is 22 tokens against the answer's 4)."""
+    return DemoSpec(
+        task="trace", sft_batch_size=64,
+        teacher=ModelSpec(128, 3, 4, 256, sft_steps=500, seed=1), student=ModelSpec(128, 3, 4, 256, sft_steps=300, seed=2),
+    )
 
 
 def _split(spec: DemoSpec) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -84,16 +116,18 @@ def _split(spec: DemoSpec) -> tuple[list[tuple[int, int]], list[tuple[int, int]]
     return pairs[spec.held_out :], pairs[: spec.held_out]
 
 
-def _write_jsonl(path: Path, pairs: list[tuple[int, int]]) -> None:
+def _write_jsonl(path: Path, pairs: list[tuple[int, int]], task: str) -> None:
     with path.open("w") as f:
         for a, b in pairs:
-            f.write(json.dumps({"prompt": problem(a, b), "answer": answer(a, b)}) + "\n")
+            # the verifier takes a trace's last number, so its answer is the sum as written at its end
+            reference = f"{a + b:03d}" if task == "trace" else answer(a, b)
+            f.write(json.dumps({"prompt": problem(a, b), "answer": reference, "group": group(a, b)}) + "\n")
 
 
 def _train_sft(
     spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[int, int]], demo: DemoSpec
 ) -> Qwen3ForCausalLM:
-    """Random-init Qwen3 trained to produce `answer<eos>` after `problem` (loss on the answer)."""
+    """Random-init Qwen3 trained to produce `completion<eos>` after `problem` (loss on the completion)."""
     torch.manual_seed(spec.seed)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
@@ -111,15 +145,15 @@ def _train_sft(
     )
     model = Qwen3ForCausalLM(config)
     rows = torch.tensor(
-        [tokenizer(problem(a, b) + answer(a, b))["input_ids"] + [tokenizer.eos_token_id] for a, b in pairs]
-    )  # (N, 10): 6 prompt tokens, 3 answer digits, EOS
+        [tokenizer(problem(a, b) + completion(demo.task, a, b))["input_ids"] + [tokenizer.eos_token_id] for a, b in pairs]
+    )  # (N, 6 + C + 1): 6 prompt tokens, the C completion characters (every completion of a task has the same length), EOS
     optimizer = torch.optim.AdamW(model.parameters(), lr=demo.sft_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, demo.sft_lr, total_steps=spec.sft_steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(spec.seed)
     model.train()
     for _ in range(spec.sft_steps):
         batch = rows[torch.randint(len(rows), (demo.sft_batch_size,), generator=generator)]
-        logits = model(input_ids=batch).logits[:, 5:-1]  # positions predicting the 3 digits and EOS
+        logits = model(input_ids=batch).logits[:, 5:-1]  # positions predicting the completion and EOS
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 6:].reshape(-1))
         optimizer.zero_grad()
         loss.backward()
@@ -128,11 +162,29 @@ def _train_sft(
     return model.eval()
 
 
+TEACHER_MIN_ACCURACY = 0.9
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[int, int]], task: str
+) -> float:
+    """Share of `pairs` whose greedy completion is exactly the task's completion (`completion`)."""
+    prompts = torch.tensor([tokenizer(problem(a, b))["input_ids"] for a, b in pairs])  # (N, 6)
+    width = len(completion(task, 0, 0))
+    out = model.generate(prompts, max_new_tokens=width + 1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, prompts.shape[1] :], skip_special_tokens=True)
+    return sum(text == completion(task, a, b) for text, (a, b) in zip(texts, pairs)) / max(len(pairs), 1)
+
+
 def build_assets(folder: str | Path, spec: DemoSpec | None = None) -> Path:
     """Write the demo's data, tokenizer, student and teacher under `folder`; reuse them when cached.
 
     Returns:
         `folder`, holding `train.jsonl`, `heldout.jsonl`, `student/` and `teacher/`.
+    Raises:
+        RuntimeError: the teacher's SFT did not converge (under `TEACHER_MIN_ACCURACY` greedy
+            held-out accuracy); nothing is stamped, so the next call builds again.
     """
     spec = spec or DemoSpec()
     folder = Path(folder)
@@ -143,15 +195,25 @@ def build_assets(folder: str | Path, spec: DemoSpec | None = None) -> Path:
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     train, held_out = _split(spec)
-    _write_jsonl(folder / "train.jsonl", train)
-    _write_jsonl(folder / "heldout.jsonl", held_out)
-    tokenizer = make_tokenizer()
+    if spec.task not in ("answer", "trace"):
+        raise ValueError(f"DemoSpec.task must be answer or trace; got {spec.task!r}")
+    _write_jsonl(folder / "train.jsonl", train, spec.task)
+    _write_jsonl(folder / "heldout.jsonl", held_out, spec.task)
+    tokenizer = make_tokenizer("".join(CHARACTERS) + (";" if spec.task == "trace" else ""))
     carry_free = [(a, b) for a, b in train if a % 10 + b % 10 < 10]
     for name in ("teacher", "student"):
         pairs = carry_free if name == "student" and not spec.student_sees_carries else train
         model = _train_sft(getattr(spec, name), tokenizer, pairs, spec)
+        accuracy = greedy_accuracy(model, tokenizer, held_out, spec.task)
+        log.info("demo %s trained: %.1f%% greedy held-out accuracy (%.0f s so far)", name, 100 * accuracy,
+                 time.perf_counter() - start)
+        if name == "teacher" and accuracy < TEACHER_MIN_ACCURACY:
+            raise RuntimeError(
+                f"the demo teacher reached only {100 * accuracy:.1f}% greedy held-out accuracy (under "
+                f"{100 * TEACHER_MIN_ACCURACY:.0f}%): its SFT did not converge; rebuild, or change DemoSpec.teacher "
+                "(seed or sft_steps)"
+            )
         model.save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)
-        log.info("demo %s trained (%.0f s so far)", name, time.perf_counter() - start)
     stamp.write_text(json.dumps(asdict(spec), indent=2))
     return folder
