@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torch.nn import ModuleDict
@@ -82,7 +83,7 @@ class DistillationModule(pl.LightningModule):
         super().__init__()
         if chunk_tokens < 1:
             raise ConfigError(f"model.chunk_tokens must be >= 1; got {chunk_tokens}")
-        self.save_hyperparameters(ignore=["weighter", "loss", "optimizer", "lr_scheduler", "diagnostics"])
+        self.save_hyperparameters(ignore=components_outside_cli("weighter", "loss", "optimizer", "lr_scheduler", "diagnostics"))
         self.weighter = weighter
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -286,6 +287,17 @@ class DistillationModule(pl.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def components_outside_cli(*names: str) -> list[str]:
+    """The `save_hyperparameters` ignore list: the injected components, unless built by LightningCLI.
+
+    LightningCLI hands the module its config, where each component is a class path and its
+    init args: kept, so that `load_from_checkpoint` rebuilds the same weighter (with its
+    state, e.g. ReNIO's EMA), loss and optimizer. Built directly, they are objects, which
+    Lightning would pickle into the checkpoint: left out.
+    """
+    return [] if _given_hyperparameters.get() is not None else list(names)
 
 
 def _samples_per_problem(datamodule, attribute: str) -> int:
