@@ -31,6 +31,7 @@ from renio_pl.losses import ForwardKL, Loss, weighted_loss
 from renio_pl.logprobs import TokenScores, completion_hidden_states, score_tokens
 from renio_pl.models import DType, LoRA, check_same_vocabulary, load_model, load_tokenizer
 from renio_pl.parallel import shard_student
+from renio_pl.paths import InputPath
 from renio_pl.rollouts import Rollout, RolloutBatch
 from renio_pl.weighters import UniformWeighter, Weighter, WeighterInputs
 
@@ -66,8 +67,8 @@ class DistillationModule(pl.LightningModule):
 
     def __init__(
         self,
-        student: str,
-        teacher: str | None = None,
+        student: InputPath,
+        teacher: InputPath | None = None,
         weighter: Weighter = lazy_instance(UniformWeighter),
         loss: Loss = lazy_instance(ForwardKL),
         dtype: DType = "float32",

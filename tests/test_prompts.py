@@ -34,7 +34,7 @@ def test_bad_data_gives_one_clear_error(prompt_file, tmp_path):
         load_rows("nobody/no-such-set", "prompt", "answer")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x"}) + "\n{not json\n")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match=r"^data.train_path: line 2 of .*bad.jsonl is not valid JSON \(Expecting property name"):
         load_rows(str(bad), "prompt", None)
 
 

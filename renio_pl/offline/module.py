@@ -27,6 +27,7 @@ from renio_pl.logprobs import completion_hidden_states, token_logprobs
 from renio_pl.losses import SFTLoss, TraceLoss, length_normalized_logprobs
 from renio_pl.models import DType, LoRA
 from renio_pl.module import DistillationModule, components_outside_cli
+from renio_pl.paths import InputPath
 from renio_pl.offline.datamodule import TraceBatch, TraceDataModule
 from renio_pl.rollouts import RolloutBatch
 
@@ -55,7 +56,7 @@ class OfflineDistillationModule(DistillationModule):
 
     def __init__(
         self,
-        student: str,
+        student: InputPath,
         objective: TraceLoss = lazy_instance(SFTLoss),
         dtype: DType = "float32",
         student_lora: LoRA | None = None,
