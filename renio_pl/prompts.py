@@ -295,8 +295,11 @@ def check_sha256(path: Path, source: str, option: str) -> None:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The error's first line; with the choices `datasets` lists on the next one (subsets to pick from)."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[1]}" if len(lines) > 1 and lines[1].startswith("Please pick") else lines[0]
 
 
 # OPSD's prompts as its authors released them (Zhao et al.): the student sees the problem, the
