@@ -44,7 +44,7 @@ def one_line(message: str) -> str:
     if not key:
         return cause
     option = key.group(1)
-    if not causes and lines[-1].endswith("Got value: None"):  # a required option that nothing set
+    if lines[-1].endswith(("Got value: None", "got None")):  # a required option that nothing set
         return f"option --{option} is missing: give it as --{option} VALUE or set it in a --config file"
     base = SWAPPABLE.get(option)
     if base is not None and "import path" in cause:

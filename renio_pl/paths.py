@@ -28,7 +28,7 @@ def _resolve(value: str) -> str:
     and command-line values in the working directory.
     """
     if not isinstance(value, (str, os.PathLike)):  # e.g. None, for `InputPath | None` to take
-        raise ValueError(f"expected a path or hub id, got {value!r}")
+        raise ValueError(f"expected a path or hub id, got {value!r}")  # "got None": the CLI reports it missing
     value = os.fspath(value)
     path = os.path.expanduser(value)
     if not os.path.isabs(path) and os.path.exists(path):

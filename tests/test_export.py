@@ -134,7 +134,7 @@ def test_bad_export_input_is_one_line(model_dirs, tmp_path, capsys):
 
 # --- the demo, end to end: fit, keep the best checkpoint, export it, evaluate it -----------------
 DEMO = REPO / "configs" / "demo.yaml"
-HELD_OUT = json.dumps([{"name": "heldout", "path": "demo_assets/heldout.jsonl", "split": "train"}])
+HELD_OUT = json.dumps([{"name": "heldout", "path": "demo_assets/heldout.jsonl", "prompt_field": "prompt"}])
 GREEDY = json.dumps({"n": 1, "temperature": 0.0, "max_new_tokens": 6})  # the demo's val_sampling
 
 
@@ -144,8 +144,8 @@ def demo_export(tmp_path_factory) -> dict:
     from renio_pl.demo.task import DemoSpec, ModelSpec, build_assets
 
     root = tmp_path_factory.mktemp("demo")
-    build_assets(root / "demo_assets", DemoSpec(teacher=ModelSpec(64, 2, 2, 128, sft_steps=150, seed=1),
-                                                student=ModelSpec(64, 2, 2, 128, sft_steps=60, seed=2)))
+    build_assets(root / "demo_assets", DemoSpec(teacher=ModelSpec(64, 2, 2, 128, sft_steps=300, seed=1),
+                                                student=ModelSpec(64, 2, 2, 128, sft_steps=300, seed=2)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     fit = subprocess.run(
         [sys.executable, "-m", "renio_pl.cli", "fit", "--config", str(DEMO), "--trainer.max_epochs", "2",
@@ -214,4 +214,5 @@ def test_vllm_serves_the_exported_demo_model_with_the_same_accuracy(demo_export,
         os.killpg(process.pid, signal.SIGKILL)
         raise
     assert process.returncode == 0, err[-3000:]
-    assert json.loads(out.strip().splitlines()[-1])["accuracy"] == expected
+    # the same number correct of the 500: `expected` went through float32 (the logged metric)
+    assert json.loads(out.strip().splitlines()[-1])["accuracy"] == pytest.approx(expected, abs=1e-6)
