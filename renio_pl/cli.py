@@ -21,7 +21,7 @@ from renio_pl.errors import ConfigError, TrainingDiverged
 from renio_pl.losses import Loss
 from renio_pl.module import DistillationModule
 from renio_pl.resume import (
-    SaveRunConfig, continue_logging, dump_config, find_own_checkpoint, finished_training, read_metadata,
+    SaveRunConfig, dump_config, find_own_checkpoint, finished_training, read_metadata,
 )
 from renio_pl.rollouts import RolloutGenerator
 from renio_pl.weighters import Weighter
@@ -78,8 +78,8 @@ class RenioCLI(LightningCLI):
 
         Lightning looks only in this run's own checkpoint folder, which a versioned logger
         (CSVLogger's `version_<n>`) makes a new, empty one. Here `last` is the newest `last.ckpt`
-        under the run's folders trained with this run's settings (`renio_pl.resume`); the run then
-        logs on in that checkpoint's version folder. A `last.ckpt` with other settings is refused
+        under the run's folders trained with this run's settings (`renio_pl.resume`). A `last.ckpt`
+        with other settings is refused
         in one line. With no `last.ckpt` at all, Lightning's warning stands and the run starts
         fresh (`last` can be set before the first run).
         """
@@ -92,7 +92,6 @@ class RenioCLI(LightningCLI):
                 raise ConfigError(refusal)
             if found is not None:
                 config["ckpt_path"] = ckpt_path = str(found)
-                continue_logging(self.trainer, found)
                 rank_zero_info(f"--ckpt_path last: resuming from {found}")
         if ckpt_path not in (None, "last", "best", "hpc", "registry") and Path(ckpt_path).exists():
             reason = finished_training(self.trainer, read_metadata(ckpt_path))

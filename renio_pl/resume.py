@@ -2,11 +2,12 @@
 
 A run's checkpoints carry the run's config (`SaveRunConfig`). `--ckpt_path last` resumes the
 newest `last.ckpt` under the run's folders whose settings that shape training (model, loss,
-weighter, optimizer, data and its sampling, prompts, seed, gradient clipping and accumulation,
-precision) equal this run's; the run then goes on logging and checkpointing in that checkpoint's
-logger version. Options that only extend a run or change how it is watched (`max_epochs`,
+weighter, optimizer, data and its sampling, prompts and seed, gradient clipping and accumulation,
+precision) equal this run's. Options that only extend a run or change how it is watched (`max_epochs`,
 `max_steps`, loggers, callbacks, evaluation settings, the rollout engine, memory options) may
-differ. A checkpoint of a run that has already done all its training is not resumed.
+differ. A checkpoint of a run that has already done all its training is not resumed. A resumed
+run logs into a new logger version (`version_<n>`): Lightning's CSVLogger empties the
+`metrics.csv` of a version folder it is pointed at again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 __all__ = [
     "SaveRunConfig", "dump_config", "read_metadata", "training_settings", "first_difference", "checkpoint_settings", "find_own_checkpoint",
-    "finished_training", "continue_logging",
+    "finished_training",
 ]
 
 CONFIG_KEY = "renio_pl_config"  # where a checkpoint holds its run's config
@@ -61,13 +62,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def training_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The dotted keys of `config` (a run's config, as `config.yaml` holds it) that shape training, with values."""
-    flat = _flatten({k: config.get(k) for k in ("seed_everything", "model", "data", "trainer")})
+    # Not `seed_everything`: LightningCLI draws a new one each run unless set, and a resumed run's
+    # sampling and order are keyed by `data.seed`.
+    flat = _flatten({k: config.get(k) for k in ("model", "data", "trainer")})
     shaping = {}
     for key, value in flat.items():
         if key.startswith(("model.", "data.")):
             if not any(key == w or key.startswith(w + ".") for w in _WATCHING):
                 shaping[key] = value
-        elif key == "seed_everything" or any(key == t or key.startswith(t + ".") for t in _TRAINER_SHAPING):
+        elif any(key == t or key.startswith(t + ".") for t in _TRAINER_SHAPING):
             shaping[key] = value
     return shaping
 
@@ -142,22 +145,3 @@ def finished_training(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> str | 
     if max_epochs is not None and max_epochs != -1 and epochs >= max_epochs:
         return f"it trained all trainer.max_epochs={max_epochs} epochs (step {steps})"
     return None
-
-
-def continue_logging(trainer: pl.Trainer, checkpoint_path: Path) -> None:
-    """Have each versioned logger (CSV, TensorBoard) go on in the version folder that holds `checkpoint_path`.
-
-    Then the resumed run's metrics extend the same `metrics.csv`, and its checkpoints (whose folder
-    follows the logger's) stay beside the ones it resumes from, instead of a new `version_<n>`.
-    """
-    checkpoint_path = checkpoint_path.resolve()
-    for logger in trainer.loggers:
-        root = getattr(logger, "root_dir", None)
-        if root is None or not hasattr(logger, "_version"):
-            continue
-        try:
-            folder = checkpoint_path.relative_to(Path(root).resolve()).parts[0]
-        except ValueError:
-            continue
-        if folder.startswith("version_") and folder.removeprefix("version_").isdigit():
-            logger._version = int(folder.removeprefix("version_"))

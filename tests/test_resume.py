@@ -116,7 +116,7 @@ def metrics_steps(folder: Path) -> list[int]:
 def test_ckpt_path_last_resumes_the_runs_own_checkpoint_refuses_other_settings_and_stops_when_done(
     model_dirs, prompt_file, tmp_path
 ):
-    """CSVLogger runs (a new `version_<n>` each) under one root: `last` picks the one trained with this run's settings."""
+    """CSVLogger runs (a new `version_<n>` each) under one root: `last` picks the newest trained with this run's settings."""
     trainer = {
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": ""}},
         "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -137,15 +137,14 @@ def test_ckpt_path_last_resumes_the_runs_own_checkpoint_refuses_other_settings_a
     resumed = fit("--trainer.max_steps", "4", "--ckpt_path", "last")  # a longer run may resume: max_steps does not shape it
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"--ckpt_path last: resuming from {own}" in resumed.stdout + resumed.stderr
-    assert metrics_steps(tmp_path / "version_0") == [0, 1, 2, 3]  # steps 3 and 4 appended to the run's own log
-    assert not (tmp_path / "version_2").exists()
+    assert metrics_steps(tmp_path / "version_2") == [2, 3]  # steps 3 and 4, not a fresh run (logged in a new version)
+    own = tmp_path / "version_2" / "checkpoints" / "last.ckpt"
     assert torch.load(own, weights_only=False)["global_step"] == 4
 
     refused = fit("--trainer.max_steps", "6", "--ckpt_path", "last", "--model.weighter.init_args.threshold", "0.5")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    newest = max((tmp_path / f"version_{v}" / "checkpoints" / "last.ckpt" for v in (0, 1)), key=lambda p: p.stat().st_mtime)
     assert refused.stderr.strip().splitlines()[-1] == (
-        f"error: --ckpt_path last: {newest} was trained with model.weighter.init_args.threshold=0.0, this run sets 0.5; "
+        f"error: --ckpt_path last: {own} was trained with model.weighter.init_args.threshold=0.0, this run sets 0.5; "
         "resume with the run's own settings, or start a new run without --ckpt_path (or with another "
         "trainer.default_root_dir)"
     )
@@ -155,7 +154,7 @@ def test_ckpt_path_last_resumes_the_runs_own_checkpoint_refuses_other_settings_a
     assert f"the run of {own} has finished: it reached trainer.max_steps=4 (step 4); nothing to resume" in (
         finished.stdout + finished.stderr
     )
-    assert metrics_steps(tmp_path / "version_0") == [0, 1, 2, 3] and not (tmp_path / "version_2").exists()
+    assert not (tmp_path / "version_3").exists()  # nothing logged
 
 
 def test_training_settings_are_what_shapes_the_updates():
@@ -167,7 +166,7 @@ def test_training_settings_are_what_shapes_the_updates():
         "trainer": {"max_epochs": 30, "max_steps": -1, "accumulate_grad_batches": 1, "logger": {"class_path": "CSVLogger"}},
         "model": {"student": "s", "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4}},
                   "chunk_tokens": 4096, "diagnostics": {"init_args": {"markers": ["wait"]}}},
-        "data": {"train_path": "t.jsonl", "sampling": {"n": 4, "temperature": 1.0}, "val_sampling": {"n": 1},
+        "data": {"train_path": "t.jsonl", "seed": 0, "sampling": {"n": 4, "temperature": 1.0}, "val_sampling": {"n": 1},
                  "engine": {"class_path": "renio_pl.rollouts.HFGenerator"}, "prompts_per_epoch": 128},
     }
 
@@ -180,11 +179,11 @@ def test_training_settings_are_what_shapes_the_updates():
         node[leaf] = value
         return config
 
-    for key, value in [("trainer.max_epochs", 60), ("trainer.max_steps", 100), ("trainer.logger", None),
+    for key, value in [("seed_everything", 1), ("trainer.max_epochs", 60), ("trainer.max_steps", 100), ("trainer.logger", None),
                        ("model.chunk_tokens", 512), ("model.diagnostics.init_args.markers", []),
                        ("data.val_sampling.n", 4), ("data.engine.class_path", "renio_pl.vllm_engine.VLLMGenerator")]:
         assert first_difference(saved, changed(key, value)) is None, key
-    for key, value in [("seed_everything", 1), ("trainer.accumulate_grad_batches", 2),
+    for key, value in [("data.seed", 1), ("trainer.accumulate_grad_batches", 2),
                        ("model.optimizer.init_args.lr", 1e-3), ("model.student", "other"),
                        ("data.sampling.temperature", 0.7), ("data.prompts_per_epoch", 64), ("data.train_path", "u.jsonl")]:
         assert first_difference(saved, changed(key, value))[0] == key
