@@ -23,6 +23,9 @@ from renio_pl.losses import Loss
 from renio_pl.module import DistillationModule
 from renio_pl.monitoring import TrainingMonitor, configure_logging, missing_package_message
 from renio_pl.preemption import SIGTERM_EXIT_STATUS, StopTogether
+from renio_pl.resume import (
+    SaveRunConfig, dump_config, find_own_checkpoint, finished_training, read_metadata,
+)
 from renio_pl.rollouts import RolloutGenerator
 from renio_pl.weighters import Weighter
 
@@ -44,6 +47,8 @@ def one_line(message: str) -> str:
     if not key:
         return cause
     option = key.group(1)
+    if lines[-1].endswith(("Got value: None", "got None")):  # a required option that nothing set
+        return f"option --{option} is missing: give it as --{option} VALUE or set it in a --config file"
     base = SWAPPABLE.get(option)
     if base is not None and "import path" in cause:
         names = ", ".join(sorted(c.__name__ for c in base.__subclasses__()))
@@ -68,14 +73,6 @@ class RenioArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
-def last_checkpoint(trainer: pl.Trainer) -> Path | None:
-    """The newest `last.ckpt` (a file, or an FSDP folder) under the run's root folder or a checkpoint callback's own."""
-    roots = [Path(trainer.default_root_dir)]
-    roots += [Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
-    found = {path for root in roots if root.is_dir() for path in root.rglob("last.ckpt")}
-    return max(found, key=lambda path: path.stat().st_mtime, default=None)
-
-
 class RenioCLI(LightningCLI):
     """LightningCLI with `model.student` linked to `data.tokenizer`, and a `--ckpt_path last` that finds it."""
 
@@ -84,17 +81,33 @@ class RenioCLI(LightningCLI):
         parser.add_lightning_class_args(TrainingMonitor, "monitor")  # every run: vitals, history, completions
 
     def before_fit(self) -> None:
-        """Resolve `--ckpt_path last` to the newest `last.ckpt` under `trainer.default_root_dir`.
+        """Resolve `--ckpt_path last` to this run's own checkpoint; stop (status 0) when the run has no training left.
 
         Lightning looks only in this run's own checkpoint folder, which a versioned logger
-        (CSVLogger's `version_<n>`) makes a new, empty one, so a resumed run would silently
-        start from scratch. With no `last.ckpt` anywhere, Lightning's warning stands and the
-        run starts fresh (`last` can be set before the first run).
+        (CSVLogger's `version_<n>`) makes a new, empty one. Here `last` is the newest `last.ckpt`
+        under the run's folders trained with this run's settings (`renio_pl.resume`). A `last.ckpt`
+        with other settings is refused
+        in one line. With no `last.ckpt` at all, Lightning's warning stands and the run starts
+        fresh (`last` can be set before the first run).
         """
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "last" and (found := last_checkpoint(self.trainer)) is not None:
-            config["ckpt_path"] = str(found)
-            rank_zero_info(f"--ckpt_path last: resuming from {found}")
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            current = dump_config(self._parser(self.subcommand), self.config[self.subcommand])
+            found, refusal = find_own_checkpoint(self.trainer, current)
+            if refusal is not None:
+                raise ConfigError(refusal)
+            if found is not None:
+                config["ckpt_path"] = ckpt_path = str(found)
+                rank_zero_info(f"--ckpt_path last: resuming from {found}")
+        if ckpt_path not in (None, "last", "best", "hpc", "registry") and Path(ckpt_path).exists():
+            reason = finished_training(self.trainer, read_metadata(ckpt_path))
+            if reason is not None:
+                rank_zero_info(
+                    f"the run of {ckpt_path} has finished: {reason}; nothing to resume. To train on, raise "
+                    f"trainer.max_epochs or trainer.max_steps; to use it, renio-pl-export {ckpt_path} OUT_DIR"
+                )
+                raise SystemExit(0)
 
 
 def run_cli(
@@ -108,8 +121,8 @@ def run_cli(
     configure_logging()
     try:
         RenioCLI(
-            model_class, datamodule_class, save_config_kwargs={"overwrite": True}, parser_class=parser_class, args=args,
-            trainer_defaults={"callbacks": [StopTogether()]},
+            model_class, datamodule_class, save_config_callback=SaveRunConfig, save_config_kwargs={"overwrite": True},
+            parser_class=parser_class, args=args, trainer_defaults={"callbacks": [StopTogether()]},
         )
     except SIGTERMException:
         raise SystemExit(SIGTERM_EXIT_STATUS) from None

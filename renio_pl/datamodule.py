@@ -43,6 +43,7 @@ from renio_pl.evaluators.math import extract_answer, is_correct
 from renio_pl.evaluators.verifier import BatchVerifier
 from renio_pl.models import load_tokenizer
 from renio_pl.monitoring import RoundStats
+from renio_pl.paths import InputPath
 from renio_pl.prompts import OPSD_TEACHER_TEMPLATE, PromptFormat, PromptRow, load_rows, render_prompt
 from renio_pl.refinement import Refiner, refinement_counts, refinement_metrics
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
@@ -65,6 +66,7 @@ class EvalSet:
         answer_after: keep only the text after the last occurrence of this marker in the
             answer (GSM8K: `####`); empty keeps the whole answer.
         split: split of a hub data set.
+        subset: subset (configuration name) of a hub data set, e.g. `main` for `openai/gsm8k`.
         limit: only the first `limit` problems (0: all), for quick runs; the report's problem
             count shows it, and such a run is not the benchmark's number.
         prompt_format: this benchmark's prompt; None uses `data.prompt_format`.
@@ -73,11 +75,12 @@ class EvalSet:
     """
 
     name: str
-    path: str
+    path: InputPath
     prompt_field: str = "problem"
     answer_field: str | None = "answer"
     answer_after: str = ""
     split: str = "test"
+    subset: str | None = None
     limit: int = 0
     prompt_format: PromptFormat | None = None
     verifier: BatchVerifier | None = None
@@ -106,6 +109,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         answer_after: keep only the text after the last occurrence of this marker in each
             answer (GSM8K: `####`); empty keeps the whole answer.
         split: split of a hub data set.
+        subset: subset (configuration name) of a hub data set, e.g. `main` for `openai/gsm8k`.
         prompt_format: the student's template, system message and chat-template variables.
         solution_field: column holding a reference solution: set it for OPSD, where the
             teacher reads it in its privileged prompt; None (OPD) gives the teacher the
@@ -137,13 +141,14 @@ class OnPolicyDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_path: str | None = None,
+        train_path: InputPath | None = None,
         tokenizer: str | None = None,
-        val_path: str | None = None,
+        val_path: InputPath | None = None,
         prompt_field: str = "prompt",
         answer_field: str | None = "answer",
         answer_after: str = "",
         split: str = "train",
+        subset: str | None = None,
         prompt_format: PromptFormat = PromptFormat(),
         solution_field: str | None = None,
         teacher_prompt_format: PromptFormat = PromptFormat(
@@ -174,7 +179,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.long_prompts must be error or drop; got {long_prompts!r}")
         if tokenizer is None:
             raise ConfigError("data.tokenizer is missing: give the student's hub id or folder (the CLI links model.student)")
-        self.train_path, self.val_path, self.split = train_path, val_path, split
+        self.train_path, self.val_path, self.split, self.subset = train_path, val_path, split, subset
         self.prompt_field, self.answer_field, self.answer_after = prompt_field, answer_field, answer_after
         self.prompt_format = prompt_format
         if solution_field is not None and "{solution}" not in teacher_prompt_format.template:
@@ -229,12 +234,12 @@ class OnPolicyDataModule(pl.LightningDataModule):
         if stage == "fit" and not self.train_rows:
             self.train_rows, self.train_prompt_ids, self.train_teacher_prompt_ids = self._prepare(
                 self.train_path, "data.train_path", self.sampling, "data.sampling", *own_fields,
-                solution_field=self.solution_field, group_field=self.group_field,
+                solution_field=self.solution_field, group_field=self.group_field, subset=self.subset,
             )
         if stage in ("fit", "validate") and self.val_path is not None and not self.val_rows:
             self.val_rows, self.val_prompt_ids, _ = self._prepare(
                 self.val_path, "data.val_path", self.val_sampling, "data.val_sampling", *own_fields,
-                group_field=self.group_field,
+                group_field=self.group_field, subset=self.subset,
             )
         if stage in ("test", "predict") and not self.test_rows:
             if not self.test_sets:
@@ -244,7 +249,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
                 rows, ids, _ = self._prepare(
                     eval_set.path, f"data.test_sets[{i}].path", self.test_sampling, "data.test_sampling",
                     eval_set.prompt_field, eval_set.answer_field, eval_set.split, eval_set.answer_after or None,
-                    prompt_format=eval_set.prompt_format,
+                    prompt_format=eval_set.prompt_format, subset=eval_set.subset,
                 )
                 end = eval_set.limit or len(rows)
                 self.test_rows[eval_set.name] = rows[:end], ids[:end]
@@ -262,6 +267,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         solution_field: str | None = None,
         prompt_format: PromptFormat | None = None,
         group_field: str | None = None,
+        subset: str | None = None,
     ) -> tuple[list[PromptRow], list[list[int]], list[list[int]] | None]:
         """Load rows and render their prompts (and the teacher's, for OPSD), applying the prompt-length policy.
 
@@ -276,6 +282,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         rows = load_rows(
             source, prompt_field, answer_field, split, option, answer_after=answer_after, solution_field=solution_field,
             group_field=group_field,
+            subset=subset,
         )
         limit, reason = self.max_prompt_tokens, f"data.max_prompt_tokens={self.max_prompt_tokens}"
         context = self._student_context()
@@ -297,10 +304,12 @@ class OnPolicyDataModule(pl.LightningDataModule):
             rows = answered
         kept_rows, kept_ids, kept_teacher_ids = [], [], []
         for row in rows:
-            ids = render_prompt(self.tokenizer, row.problem, prompt_format or self.prompt_format)
+            ids = render_prompt(self.tokenizer, row.problem, prompt_format or self.prompt_format, messages=row.messages)
             teacher_ids = None
             if solution_field is not None:
-                teacher_ids = render_prompt(self.tokenizer, row.problem, self.teacher_prompt_format, row.solution)
+                teacher_ids = render_prompt(
+                    self.tokenizer, row.problem, self.teacher_prompt_format, row.solution, messages=row.messages
+                )
             longest = max(len(ids), len(teacher_ids or []))
             if longest > limit:
                 if self.long_prompts == "error":

@@ -57,9 +57,19 @@ def _load_error(name_or_path: str, option: str, error: Exception) -> ConfigError
     return ConfigError(f"{option}: cannot load {name_or_path!r} ({first}); {hint}")
 
 
+# Any of these makes a folder's tokenizer (transformers would otherwise build an empty one from config.json).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(name_or_path: str, option: str = "model.student") -> PreTrainedTokenizerBase:
     """The tokenizer of a hub id or local folder, with a pad token (EOS when it has none)."""
     _check_source(name_or_path, option)
+    folder = Path(name_or_path).expanduser()
+    if _is_local(name_or_path) and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ConfigError(
+            f"{option}: model folder {name_or_path} has no tokenizer (no tokenizer.json or tokenizer_config.json); "
+            "save one there with tokenizer.save_pretrained(folder)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torch.nn import ModuleDict
@@ -31,6 +32,7 @@ from renio_pl.losses import ForwardKL, Loss, rollout_losses, weighted_loss
 from renio_pl.logprobs import TokenScores, completion_hidden_states, score_tokens
 from renio_pl.models import DType, LoRA, check_same_vocabulary, load_model, load_tokenizer
 from renio_pl.parallel import shard_student
+from renio_pl.paths import InputPath
 from renio_pl.rollouts import Rollout, RolloutBatch
 from renio_pl.weighters import UniformWeighter, Weighter, WeighterInputs
 
@@ -66,8 +68,8 @@ class DistillationModule(pl.LightningModule):
 
     def __init__(
         self,
-        student: str,
-        teacher: str | None = None,
+        student: InputPath,
+        teacher: InputPath | None = None,
         weighter: Weighter = lazy_instance(UniformWeighter),
         loss: Loss = lazy_instance(ForwardKL),
         dtype: DType = "float32",
@@ -83,7 +85,7 @@ class DistillationModule(pl.LightningModule):
         super().__init__()
         if chunk_tokens < 1:
             raise ConfigError(f"model.chunk_tokens must be >= 1; got {chunk_tokens}")
-        self.save_hyperparameters(ignore=["weighter", "loss", "optimizer", "lr_scheduler", "diagnostics"])
+        self.save_hyperparameters(ignore=components_outside_cli("weighter", "loss", "optimizer", "lr_scheduler", "diagnostics"))
         self.weighter = weighter
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -315,6 +317,17 @@ class DistillationModule(pl.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def components_outside_cli(*names: str) -> list[str]:
+    """The `save_hyperparameters` ignore list: the injected components, unless built by LightningCLI.
+
+    LightningCLI hands the module its config, where each component is a class path and its
+    init args: kept, so that `load_from_checkpoint` rebuilds the same weighter (with its
+    state, e.g. ReNIO's EMA), loss and optimizer. Built directly, they are objects, which
+    Lightning would pickle into the checkpoint: left out.
+    """
+    return [] if _given_hyperparameters.get() is not None else list(names)
 
 
 def _samples_per_problem(datamodule, attribute: str) -> int:

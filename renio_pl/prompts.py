@@ -1,6 +1,11 @@
-"""Prompts: data rows (jsonl, parquet or a hub data set) -> chat-formatted prompt token ids.
+"""Prompts: data rows (jsonl, parquet, a data set folder or a hub data set) -> chat-formatted prompt token ids.
 
 Stage 1 of the data flow (**prompts** -> rollouts -> log-probs -> weights -> loss).
+
+A record's prompt is text (`{"prompt": "What is 2+3?"}`) or, as TRL's conversational data
+sets have it, a list of messages (`{"prompt": [{"role": "user", "content": "What is 2+3?"}]}`);
+either is rendered with the tokenizer's chat template. Anything else is refused with the
+record's place (a JSON Lines file's line number).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from transformers import PreTrainedTokenizerBase
 from renio_pl.errors import ConfigError
 
 __all__ = [
-    "PromptRow", "PromptFormat", "load_rows", "load_table", "require_columns", "check_sha256", "render_prompt",
+    "PromptRow", "PromptFormat", "load_rows", "load_table", "read_prompt", "where", "require_columns", "check_sha256",
+    "render_prompt",
     "OPSD_STUDENT_TEMPLATE", "OPSD_TEACHER_TEMPLATE",
 ]
 
@@ -38,6 +44,8 @@ class PromptRow:
         answer: the reference final answer, or None when the data has none.
         solution: the reference solution (OPSD's privileged context), or None.
         group: the problem's group (e.g. `carry`), for accuracy per group; None when the data has none.
+        messages: a conversational record's messages (`role`, `content`), or None for a text
+            prompt; `problem` is then the content of its last user message.
     """
 
     index: int
@@ -45,6 +53,7 @@ class PromptRow:
     answer: str | None = None
     solution: str | None = None
     group: str | None = None
+    messages: list[dict[str, str]] | None = None
 
 
 def _looks_like_path(source: str) -> bool:
@@ -60,37 +69,41 @@ def load_rows(
     answer_after: str | None = None,
     solution_field: str | None = None,
     group_field: str | None = None,
+    subset: str | None = None,
 ) -> list[PromptRow]:
-    """Read problems from a jsonl / parquet file or a hub data set id, through `datasets`.
+    """Read problems from a jsonl / parquet file, a data set folder or a hub data set id.
 
     A local file listed in the nearest `SHA256SUMS` above it (its own folder or a parent;
     `sha256sum` format, paths relative to that folder) must match its sha256 there; files
     not listed, or with no `SHA256SUMS` above them, load unchecked.
 
     Args:
-        source: a local `.jsonl`, `.json` (either may be gzipped) or `.parquet` file, or a hub data set id.
-        prompt_field: column holding the problem text.
+        source: a local `.jsonl`, `.json` (either may be gzipped) or `.parquet` file, a data set
+            folder (`save_to_disk`, or a hub data set's files), or a hub data set id.
+        prompt_field: column holding the problem: text, or a list of role/content messages.
         answer_field: column holding the reference answer, or None for none.
-        split: the split of a hub data set.
+        split: the split of a hub data set (or of a data set folder with splits).
         option: the config key `source` came from, named in errors.
         answer_after: a marker the answer follows (GSM8K: `"####"`); each answer becomes the
             stripped text after its last occurrence. None keeps answers whole.
         solution_field: column holding the reference solution (OPSD), or None for none.
         group_field: column holding each problem's group (diagnostics only), or None for none.
+        subset: the subset (configuration) of a hub data set, e.g. `main` for `openai/gsm8k`.
     Returns:
         One `PromptRow` per record, in file order.
     Raises:
-        ConfigError: unreadable or missing data, a missing column, a sha256 mismatch, or a
-            record whose answer has nothing after `answer_after`, or an empty solution.
+        ConfigError: unreadable or missing data, a missing column, a sha256 mismatch, a prompt
+            that is neither text nor messages, a record whose answer has nothing after
+            `answer_after`, or an empty solution; each names the record (its line in a jsonl).
     """
     if answer_after is not None and (not answer_after or answer_field is None):
         raise ConfigError(
             f"{option}: answer_after {answer_after!r} needs a non-empty marker and an answer column (data.answer_field)"
         )
-    data = load_table(source, split, option)
+    data = load_table(source, split, option, subset)
     require_columns(data, source, option, {"prompt_field": prompt_field, "answer_field": answer_field,
                                            "solution_field": solution_field, "group_field": group_field})
-    problems = data[prompt_field]
+    prompts = [read_prompt(value, where(data, i, source), option, prompt_field) for i, value in enumerate(data[prompt_field])]
     answers = data[answer_field] if answer_field is not None else [None] * len(data)
     answers = [None if a is None else str(a) for a in answers]
     if answer_after is not None:
@@ -98,7 +111,7 @@ def load_rows(
             _, marker, tail = (answer or "").rpartition(answer_after)
             if not marker or not tail.strip():
                 raise ConfigError(
-                    f"{option}: record {i} of {source} has no answer after {answer_after!r} (answer_after) "
+                    f"{option}: {where(data, i, source)} has no answer after {answer_after!r} (answer_after) "
                     f"in column {answer_field!r}; fix the record or the marker"
                 )
             answers[i] = tail.strip()
@@ -108,23 +121,58 @@ def load_rows(
         empty = next((i for i, text in enumerate(solutions) if not (text or "").strip()), None)
         if empty is not None:
             raise ConfigError(
-                f"{option}: record {empty} of {source} has no reference solution in column {solution_field!r} "
+                f"{option}: {where(data, empty, source)} has no reference solution in column {solution_field!r} "
                 "(data.solution_field); OPSD's teacher needs one for every problem"
             )
     groups = [None if g is None else str(g) for g in data[group_field]] if group_field else [None] * len(data)
-    return [PromptRow(i, str(p), a, sol, g) for i, (p, a, sol, g) in enumerate(zip(problems, answers, solutions, groups))]
+    return [
+        PromptRow(i, problem, a, sol, group=g, messages=messages)
+        for i, ((problem, messages), a, sol, g) in enumerate(zip(prompts, answers, solutions, groups))
+    ]
 
 
-def load_table(source: str, split: str = "train", option: str = "data.train_path") -> datasets.Dataset | _JsonLines:
-    """The records of a local file or a hub data set, as columns (`column_names`, `len`, `table[column]`).
+def read_prompt(value: Any, place: str, option: str, column: str) -> tuple[str, list[dict[str, str]] | None]:
+    """A record's prompt as (problem text, messages or None): text, or a list of role/content messages.
+
+    Raises:
+        ConfigError: anything else (a number, null, messages without a user turn or with non-text content).
+    """
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        users = [m["content"] for m in value if m["role"] == "user"]
+        if users:
+            return users[-1], [{"role": m["role"], "content": m["content"]} for m in value]
+    shown = json.dumps(value, default=str)
+    raise ConfigError(
+        f"{option}: {place} has {shown[:80] + ('...' if len(shown) > 80 else '')} in column {column!r}; a prompt is "
+        'text or a list of messages with a user turn ([{"role": "user", "content": "..."}])'
+    )
+
+
+def where(table: datasets.Dataset | _JsonLines, i: int, source: str) -> str:
+    """Record `i` of `table` as a user finds it: `line <n> of <file>` for JSON Lines, else `record <i> of <source>`."""
+    return f"line {table.lines[i]} of {source}" if isinstance(table, _JsonLines) else f"record {i} of {source}"
+
+
+def load_table(
+    source: str, split: str = "train", option: str = "data.train_path", subset: str | None = None
+) -> datasets.Dataset | _JsonLines:
+    """The records of a local file, a data set folder or a hub data set, as columns (`column_names`, `len`, `table[column]`).
 
     Args:
         source: a local `.jsonl`, `.json` (either may be gzipped) or `.parquet` file, or a hub data set id.
             A local file listed in the nearest `SHA256SUMS` above it must match its sha256 there.
-        split: the split of a hub data set.
+            A folder is a data set saved with `save_to_disk`, or a hub data set's files (its
+            `README.md` naming its subsets, or data files by split).
+        split: the split of a hub data set or folder.
         option: the config key `source` came from, named in errors.
+        subset: the subset (configuration name) of a hub data set or folder, or None.
     Raises:
-        ConfigError: a missing, empty, unreadable or mismatching file, an unknown or offline hub id, or no records.
+        ConfigError: a missing, empty, unreadable or mismatching file, a broken JSON line, an
+            unknown or offline hub id, an unknown subset or split, or no records.
     """
     path = Path(source).expanduser()
     if path.is_file():
@@ -136,22 +184,49 @@ def load_table(source: str, split: str = "train", option: str = "data.train_path
         if path.stat().st_size == 0:
             raise ConfigError(f"{option}: {source} is empty (0 bytes); give a file with at least one record")
         try:
-            data = _JsonLines(path) if fmt == "jsonl" else datasets.load_dataset(fmt, data_files=str(path), split="train")
+            data = _JsonLines(path, source, option) if fmt == "jsonl" else datasets.load_dataset(
+                fmt, data_files=str(path), split="train"
+            )
+        except ConfigError:
+            raise
         except Exception as error:  # datasets and json raise many types for unreadable files
             raise ConfigError(f"{option}: cannot read {source} as {suffix}: {_first_line(error)}") from error
+    elif path.is_dir():
+        data = _load_folder(path, source, split, subset, option)
     elif _looks_like_path(source):
         raise ConfigError(f"{option}: file {source} does not exist; check the path")
     else:
         try:
-            data = datasets.load_dataset(source, split=split)
-        except Exception as error:  # offline hub, unknown id, missing split
+            data = datasets.load_dataset(source, subset, split=split)
+        except Exception as error:  # offline hub, unknown id, missing subset or split
             raise ConfigError(
-                f"{option}: cannot load hub data set {source!r} (split {split!r}): {_first_line(error)}; "
-                "download it first or point to a local .jsonl / .parquet file"
+                f"{option}: cannot load hub data set {source!r} (subset {subset!r}, split {split!r}): "
+                f"{_first_line(error)}; download it first (its subset in data.subset, its split in data.split) "
+                "or point to a local .jsonl / .parquet file"
             ) from error
     if len(data) == 0:
         raise ConfigError(f"{option}: {source} has no records; give a file with at least one record")
     return data
+
+
+def _load_folder(path: Path, source: str, split: str, subset: str | None, option: str) -> datasets.Dataset:
+    """A data set folder: one written by `save_to_disk` (a split of it, if it has splits), or a hub data set's files."""
+    try:
+        if (path / "dataset_dict.json").is_file():
+            splits = datasets.load_from_disk(str(path))
+            if split not in splits:
+                raise ConfigError(f"{option}: {source} has no split {split!r} (data.split); its splits are {', '.join(splits)}")
+            return splits[split]
+        if (path / "state.json").is_file():
+            return datasets.load_from_disk(str(path))
+        return datasets.load_dataset(str(path), subset, split=split)
+    except ConfigError:
+        raise
+    except Exception as error:  # datasets raises many types: unknown subset or split, no data files
+        raise ConfigError(
+            f"{option}: cannot load the data set folder {source} (subset {subset!r}, split {split!r}): "
+            f"{_first_line(error)}"
+        ) from error
 
 
 def require_columns(table: datasets.Dataset | _JsonLines, source: str, option: str, fields: dict[str, str | None]) -> None:
@@ -170,10 +245,28 @@ class _JsonLines:
     values (HumanEval+'s test inputs) and on columns whose types vary between records.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, source: str, option: str) -> None:
         raw = path.read_bytes()
         text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode()
-        self.records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        self.records: list[dict] = []
+        self.lines: list[int] = []  # each record's line number (from 1)
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(
+                    f"{option}: line {number} of {source} is not valid JSON ({error.msg}, column {error.colno}); "
+                    "fix or remove that line"
+                ) from None
+            if not isinstance(record, dict):
+                raise ConfigError(
+                    f"{option}: line {number} of {source} is a JSON {type(record).__name__}, not a record of columns "
+                    '(e.g. {"prompt": "...", "answer": "..."})'
+                )
+            self.records.append(record)
+            self.lines.append(number)
         self.column_names = list(dict.fromkeys(key for record in self.records for key in record))
 
     def __len__(self) -> int:
@@ -207,8 +300,11 @@ def check_sha256(path: Path, source: str, option: str) -> None:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The error's first line; with the choices `datasets` lists on the next one (subsets to pick from)."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[1]}" if len(lines) > 1 and lines[1].startswith("Please pick") else lines[0]
 
 
 # OPSD's prompts as its authors released them (Zhao et al.): the student sees the problem, the
@@ -249,21 +345,34 @@ class PromptFormat:
 
 
 def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, problem: str, prompt_format: PromptFormat, solution: str | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    problem: str,
+    prompt_format: PromptFormat,
+    solution: str | None = None,
+    messages: list[dict[str, str]] | None = None,
 ) -> list[int]:
     """Token ids of `problem` (and `solution`, when given) rendered with `prompt_format` and the chat template.
 
-    The chat template adds the generation prompt (the assistant turn's opening), so the first
-    generated token is the first completion token.
+    For a conversational record (`messages`, whose last user message holds `problem`) its
+    messages are rendered as given, the last user message through `prompt_format.template`,
+    with `prompt_format.system` first unless the record has a system message. The chat template
+    adds the generation prompt (the assistant turn's opening), so the first generated token is
+    the first completion token.
     """
     if tokenizer.chat_template is None:
         raise ConfigError(
             "the student's tokenizer has no chat template; use an instruct model or add a "
             "chat_template to its tokenizer_config.json"
         )
-    messages = [] if prompt_format.system is None else [{"role": "system", "content": prompt_format.system}]
     fields = {"problem": problem} if solution is None else {"problem": problem, "solution": solution}
-    messages.append({"role": "user", "content": prompt_format.template.format(**fields)})
+    user = {"role": "user", "content": prompt_format.template.format(**fields)}
+    if messages is None:
+        messages = [user]
+    else:
+        last_user = max(i for i, message in enumerate(messages) if message["role"] == "user")
+        messages = [*messages[:last_user], user, *messages[last_user + 1 :]]
+    if prompt_format.system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": prompt_format.system}, *messages]
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, **prompt_format.chat_template_kwargs
     )

@@ -127,6 +127,28 @@ def test_bad_input_is_one_line_and_exit_2(fit_args, extra, message, capsys, tmp_
     assert "Traceback" not in err
 
 
+def test_a_missing_student_is_named_with_how_to_give_it(capsys):
+    code, err = run_cli(["fit"], capsys)
+    assert code == 2 and err.splitlines()[-1] == (
+        "error: option --model.student is missing: give it as --model.student VALUE or set it in a --config file "
+        "(see --help)"
+    )
+
+
+def test_a_model_folder_without_a_tokenizer_is_named(fit_args, model_dirs, tmp_path, capsys):
+    """Once blamed on the teacher ("its tokenizer differs"): transformers builds an empty tokenizer from config.json."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((model_dirs["student"] / name).read_bytes())
+    student = fit_args.index("--model.student") + 1
+    code, err = run_cli([*fit_args[:student], str(bare), *fit_args[student + 1:]], capsys)
+    assert code == 2 and err.splitlines()[-1] == (
+        f"error: model.student: model folder {bare} has no tokenizer (no tokenizer.json or tokenizer_config.json); "
+        "save one there with tokenizer.save_pretrained(folder)"
+    )
+
+
 def test_test_without_benchmarks_is_one_line(model_dirs, capsys):
     code, err = run_cli(["test", "--model.student", str(model_dirs["student"]), "--trainer.accelerator", "cpu"], capsys)
     assert code == 2 and err.splitlines()[-1].startswith("error: test needs benchmarks: set data.test_sets")

@@ -55,7 +55,7 @@ def test_answer_after_takes_the_last_marker_and_requires_it(tmp_path):
     data_1 = tmp_path / "one.jsonl"
     data_1.write_text(json.dumps(lines[0]) + "\n")
     assert load_rows(str(data_1), "question", "answer", answer_after="####")[0].answer == "2"
-    with pytest.raises(ConfigError, match="data.eval_path: record 1 of .*gsm.jsonl has no answer after '####'"):
+    with pytest.raises(ConfigError, match="data.eval_path: line 2 of .*gsm.jsonl has no answer after '####'"):
         load_rows(str(data), "question", "answer", option="data.eval_path", answer_after="####")
     with pytest.raises(ConfigError, match="needs a non-empty marker and an answer column"):
         load_rows(str(data), "question", None, answer_after="####")

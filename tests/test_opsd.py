@@ -163,7 +163,7 @@ def test_bad_opsd_data_is_refused_in_one_line(opsd_dirs, tmp_path):
     empty = tmp_path / "empty_solution.jsonl"
     empty.write_text(json.dumps({"prompt": "1+1?", "answer": "2", "solution": " "}) + "\n")
     data = OnPolicyDataModule(str(empty), tokenizer=str(opsd_dirs["student"]), solution_field="solution")
-    with pytest.raises(ConfigError, match="record 0 .* has no reference solution in column 'solution'"):
+    with pytest.raises(ConfigError, match="line 1 of .* has no reference solution in column 'solution'"):
         data.setup("fit")
     data = OnPolicyDataModule(str(opsd_dirs["data"]), tokenizer=str(opsd_dirs["student"]), solution_field="worked")
     with pytest.raises(ConfigError, match="no column 'worked' \\(data.solution_field\\)"):

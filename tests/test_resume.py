@@ -108,20 +108,82 @@ def test_a_kill_during_a_save_leaves_a_loadable_checkpoint(tmp_path, delay):
     assert not list(tmp_path.glob(".last.ckpt.*.tmp")) and len(leftovers) <= 1
 
 
-def test_ckpt_path_last_finds_the_checkpoint_of_an_earlier_logger_version(model_dirs, prompt_file, tmp_path):
-    """With a CSVLogger each run logs (and checkpoints) in a new `version_<n>`; `last` must still resume."""
+def metrics_steps(folder: Path) -> list[int]:
+    """Steps of the logged training losses in a CSVLogger folder."""
+    return sorted(int(r["step"]) for r in csv.DictReader(open(folder / "metrics.csv")) if r.get("train/loss"))
+
+
+def test_ckpt_path_last_resumes_the_runs_own_checkpoint_refuses_other_settings_and_stops_when_done(
+    model_dirs, prompt_file, tmp_path
+):
+    """CSVLogger runs (a new `version_<n>` each) under one root: `last` picks the newest trained with this run's settings."""
     trainer = {
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": ""}},
         "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                       "init_args": {"every_n_train_steps": 1, "save_last": True}}],
+                       "init_args": {"every_n_train_steps": 1, "save_last": True}},
+                      {"class_path": "renio_pl.callbacks.TrainingPlot"}],
     }
-    first = small_fit(model_dirs, prompt_file, tmp_path, [], "--trainer.max_steps", "2", trainer=trainer)
+
+    def fit(*extra: str) -> subprocess.CompletedProcess:
+        return small_fit(model_dirs, prompt_file, tmp_path, [], *extra, trainer=trainer)
+
+    first = fit("--trainer.max_steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
-    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
-    assert last.is_file()
-    resumed = small_fit(model_dirs, prompt_file, tmp_path, [], "--trainer.max_steps", "4", "--ckpt_path", "last",
-                        trainer=trainer)
+    own = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    other = fit("--trainer.max_steps", "2", "--model.optimizer.lr", "0.02")  # another run, newer, other settings
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert (tmp_path / "version_1" / "checkpoints" / "last.ckpt").stat().st_mtime > own.stat().st_mtime
+
+    resumed = fit("--trainer.max_steps", "4", "--ckpt_path", "last")  # a longer run may resume: max_steps does not shape it
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"--ckpt_path last: resuming from {last}" in resumed.stdout + resumed.stderr
-    rows = list(csv.DictReader(open(tmp_path / "version_1" / "metrics.csv")))
-    assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [2, 3]  # steps 3 and 4, not a fresh run
+    assert f"--ckpt_path last: resuming from {own}" in resumed.stdout + resumed.stderr
+    assert metrics_steps(tmp_path / "version_2") == [2, 3]  # steps 3 and 4, not a fresh run (logged in a new version)
+    own = tmp_path / "version_2" / "checkpoints" / "last.ckpt"
+    assert torch.load(own, weights_only=False)["global_step"] == 4
+
+    refused = fit("--trainer.max_steps", "6", "--ckpt_path", "last", "--model.weighter.init_args.threshold", "0.5")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: --ckpt_path last: {own} was trained with model.weighter.init_args.threshold=0.0, this run sets 0.5; "
+        "resume with the run's own settings, or start a new run without --ckpt_path (or with another "
+        "trainer.default_root_dir)"
+    )
+
+    finished = fit("--trainer.max_steps", "4", "--ckpt_path", "last")
+    assert finished.returncode == 0 and "Traceback" not in finished.stderr, finished.stderr[-3000:]
+    assert f"the run of {own} has finished: it reached trainer.max_steps=4 (step 4); nothing to resume" in (
+        finished.stdout + finished.stderr
+    )
+    assert not (tmp_path / "version_3").exists()  # nothing logged
+
+
+def test_training_settings_are_what_shapes_the_updates():
+    """Extending a run, watching it differently or changing its engine keeps it resumable; its recipe does not."""
+    from renio_pl.resume import first_difference
+
+    saved = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 30, "max_steps": -1, "accumulate_grad_batches": 1, "logger": {"class_path": "CSVLogger"}},
+        "model": {"student": "s", "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4}},
+                  "chunk_tokens": 4096, "diagnostics": {"init_args": {"markers": ["wait"]}}},
+        "data": {"train_path": "t.jsonl", "seed": 0, "sampling": {"n": 4, "temperature": 1.0}, "val_sampling": {"n": 1},
+                 "engine": {"class_path": "renio_pl.rollouts.HFGenerator"}, "prompts_per_epoch": 128},
+    }
+
+    def changed(key: str, value) -> dict:
+        config = json.loads(json.dumps(saved))
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+        return config
+
+    for key, value in [("seed_everything", 1), ("trainer.max_epochs", 60), ("trainer.max_steps", 100), ("trainer.logger", None),
+                       ("model.chunk_tokens", 512), ("model.diagnostics.init_args.markers", []),
+                       ("data.val_sampling.n", 4), ("data.engine.class_path", "renio_pl.vllm_engine.VLLMGenerator")]:
+        assert first_difference(saved, changed(key, value)) is None, key
+    for key, value in [("data.seed", 1), ("trainer.accumulate_grad_batches", 2),
+                       ("model.optimizer.init_args.lr", 1e-3), ("model.student", "other"),
+                       ("data.sampling.temperature", 0.7), ("data.prompts_per_epoch", 64), ("data.train_path", "u.jsonl")]:
+        assert first_difference(saved, changed(key, value))[0] == key

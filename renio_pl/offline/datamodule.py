@@ -18,6 +18,7 @@ width, `T` completion tokens.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -31,7 +32,8 @@ from torch.utils.data import DataLoader
 from renio_pl.datamodule import EvalSet, OnPolicyDataModule, _RoundLoader
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import extract_answer, is_correct
-from renio_pl.prompts import PromptFormat, load_table, render_prompt, require_columns
+from renio_pl.paths import InputPath
+from renio_pl.prompts import PromptFormat, load_table, read_prompt, render_prompt, require_columns, where
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key
 
@@ -122,10 +124,10 @@ class TraceDataModule(OnPolicyDataModule):
 
     def __init__(
         self,
-        train_path: str | None = None,
+        train_path: InputPath | None = None,
         tokenizer: str | None = None,
         stage: Stage = "sft",
-        val_path: str | None = None,
+        val_path: InputPath | None = None,
         prompt_field: str = "prompt",
         positive_field: str = "positive",
         negative_field: str = "negative",
@@ -218,7 +220,10 @@ class TraceDataModule(OnPolicyDataModule):
                     f"{option}: record {missing} of {self.train_path} has no {what} trace in column "
                     f"{fields[key]!r} (data.{key}); remove the record or fill it in"
                 )
-        prompts = self._render_prompts([str(p) for p in columns["prompt_field"]])
+        prompts = self._render_prompts([
+            read_prompt(p, where(table, i, self.train_path), option, self.prompt_field)
+            for i, p in enumerate(columns["prompt_field"])
+        ])
         positives = self._tokenize_completions(columns["positive_field"])
         negatives = self._tokenize_completions(columns["negative_field"]) if self.stage == "redi" else None
         traces = []
@@ -241,13 +246,14 @@ class TraceDataModule(OnPolicyDataModule):
         rank_zero_info(f"{option}: {len(traces)} {self.stage} records ({self.dropped_traces} dropped for length)")
         return traces
 
-    def _render_prompts(self, problems: list[str]) -> list[list[int]]:
-        """Prompt ids per record; a problem shared by several records (SFT positives) is rendered once."""
+    def _render_prompts(self, prompts: list[tuple[str, list[dict[str, str]] | None]]) -> list[list[int]]:
+        """Prompt ids per record (problem, messages); a prompt shared by several records (SFT positives) is rendered once."""
         rendered: dict[str, list[int]] = {}
-        for problem in problems:
-            if problem not in rendered:
-                rendered[problem] = render_prompt(self.tokenizer, problem, self.prompt_format)
-        return [rendered[problem] for problem in problems]
+        keys = [json.dumps(prompt) for prompt in prompts]
+        for key, (problem, messages) in zip(keys, prompts):
+            if key not in rendered:
+                rendered[key] = render_prompt(self.tokenizer, problem, self.prompt_format, messages=messages)
+        return [rendered[key] for key in keys]
 
     def _tokenize_completions(self, texts: list[str]) -> list[list[int]]:
         """Completion ids per text, each ending with the tokenizer's EOS (appended unless the text ends with it)."""

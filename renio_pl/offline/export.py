@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning.pytorch as pl
 
-from renio_pl.models import load_tokenizer, policy_weights
+from renio_pl.export import save_student
+from renio_pl.models import load_tokenizer
 
 __all__ = ["SaveStudent"]
 
@@ -31,9 +31,5 @@ class SaveStudent(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        student = pl_module.student
-        base = student.get_base_model() if hasattr(student, "get_base_model") else student
-        folder = Path(self.folder)
-        base.save_pretrained(folder, state_dict=dict(policy_weights(student)))
-        load_tokenizer(pl_module.hparams.student).save_pretrained(folder)
+        folder = save_student(pl_module.student, load_tokenizer(pl_module.hparams.student), self.folder)
         log.info("student saved to %s", folder)

@@ -27,7 +27,8 @@ from renio_pl.guards import check_fit_setup
 from renio_pl.logprobs import completion_hidden_states, token_logprobs
 from renio_pl.losses import SFTLoss, TraceLoss, length_normalized_logprobs
 from renio_pl.models import DType, LoRA
-from renio_pl.module import DistillationModule
+from renio_pl.module import DistillationModule, components_outside_cli
+from renio_pl.paths import InputPath
 from renio_pl.offline.datamodule import TraceBatch, TraceDataModule
 from renio_pl.rollouts import RolloutBatch
 
@@ -56,7 +57,7 @@ class OfflineDistillationModule(DistillationModule):
 
     def __init__(
         self,
-        student: str,
+        student: InputPath,
         objective: TraceLoss = lazy_instance(SFTLoss),
         dtype: DType = "float32",
         student_lora: LoRA | None = None,
@@ -75,7 +76,7 @@ class OfflineDistillationModule(DistillationModule):
                 evaluate_before_fit=evaluate_before_fit, pass_at_k=pass_at_k,
             )
         # `teacher` (None) is the base class's; dropped so that `load_from_checkpoint` rebuilds this class
-        self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler", "teacher"])
+        self.save_hyperparameters(ignore=["teacher", *components_outside_cli("objective", "optimizer", "lr_scheduler")])
         self.objective = objective
 
     def setup(self, stage: str) -> None:

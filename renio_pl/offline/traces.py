@@ -35,6 +35,7 @@ from renio_pl.cli import RenioArgumentParser
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import is_correct
 from renio_pl.models import DType, load_model, load_tokenizer
+from renio_pl.paths import InputPath
 from renio_pl.prompts import PromptFormat, PromptRow, load_rows, render_prompt
 from renio_pl.rollouts import HFGenerator, RolloutGenerator, SamplingConfig, eos_token_ids
 from renio_pl.sampling import stream_key
@@ -90,8 +91,8 @@ def select_traces(
 
 
 def build_traces(
-    teacher: str,
-    prompts: str,
+    teacher: InputPath,
+    prompts: InputPath,
     output: str,
     prompt_field: str = "prompt",
     answer_field: str = "answer",
@@ -139,7 +140,7 @@ def build_traces(
     tokenizer = load_tokenizer(teacher, option="teacher")
     model = load_model(teacher, dtype, option="teacher").eval()
     model.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    prompt_ids = [render_prompt(tokenizer, row.problem, prompt_format) for row in answered]
+    prompt_ids = [render_prompt(tokenizer, row.problem, prompt_format, messages=row.messages) for row in answered]
     seeds = [stream_key(seed, row.index) for row in answered]
     log.info("sampling %d completions for each of %d problems", sampling.n, len(answered))
     completions_P_G = engine.generate(model, tokenizer, prompt_ids, sampling, seeds)
