@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     if "--assets-only" in argv:
         return
-    cli_main(["fit", "--config", str(config), *[a for a in argv if a != "--assets-only"]])
+    # the demo data marks each problem carry / no_carry: accuracy per group in the diagnostics
+    cli_main(["fit", "--config", str(config), "--data.group_field", "group", *[a for a in argv if a != "--assets-only"]])
 
 
 if __name__ == "__main__":
