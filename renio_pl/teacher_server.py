@@ -138,7 +138,9 @@ class ServerTeacher:
                             retries, wait)
                 time.sleep(wait)
                 wait *= 2
-        raise TeacherServerDown(f"the teacher server at {self.url} did not answer {path} after {retries + 1} tries ({failure})")
+        down = TeacherServerDown(f"the teacher server at {self.url} did not answer {path} after {retries + 1} tries ({failure})")
+        down.reason = str(failure)
+        raise down
 
     # --- start-up checks -------------------------------------------------------------------
     def connect(self, student_tokenizer) -> None:
@@ -152,7 +154,7 @@ class ServerTeacher:
             models = [entry["id"] for entry in self._request("/v1/models", retries=0)["data"]]
         except TeacherServerDown as error:
             raise ConfigError(
-                f"model.teacher_server: no vLLM server answers at {self.url} ({error.__cause__ or error}); start it "
+                f"model.teacher_server: no vLLM server answers at {self.url} ({error.reason}); start it "
                 "with `vllm serve <teacher folder> --host 127.0.0.1 --port <port>` or fix the url"
             ) from None
         if self.model is None:
