@@ -33,6 +33,11 @@ import argparse
 import json
 import logging
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +49,7 @@ from torch import Tensor
 from renio_pl.errors import ConfigError
 from renio_pl.losses import TEACHER_LOGPROB_FLOOR, TeacherTopK
 
-__all__ = ["ServerTeacher", "TeacherServerDown", "write_tempered_teacher", "TEMPERATURE_KEY"]
+__all__ = ["ServerTeacher", "TeacherServerDown", "write_tempered_teacher", "TEMPERATURE_KEY", "launch_server", "stop_server"]
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +282,65 @@ def write_tempered_teacher(teacher: str, out: str, temperature: float, dtype: st
     setattr(model.config, TEMPERATURE_KEY, temperature)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(teacher).save_pretrained(out)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_server(
+    model: str, log_path: str, port: int | None = None, max_model_len: int = 2048, dtype: str = "float32",
+    start_timeout_s: float = 300.0, kill_after_s: float = 3600.0, extra_args: tuple[str, ...] = (),
+) -> tuple[subprocess.Popen, str]:
+    """Start vLLM's OpenAI-compatible server on 127.0.0.1 serving `model` (named `teacher`), and wait until it answers.
+
+    It runs in its own process group (stop it with `stop_server`) under `timeout -s KILL
+    kill_after_s`, with `VLLM_CPU_KVCACHE_SPACE=1` (GiB) unless set. Used by the tests and the
+    benchmark; users start their own with `vllm serve`.
+
+    Returns:
+        (process, url), url like `http://127.0.0.1:PORT`.
+    """
+    port = port or free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    command = [
+        "timeout", "-s", "KILL", str(int(kill_after_s)), sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--enforce-eager",
+        "--max-model-len", str(max_model_len), "--served-model-name", "teacher", *extra_args,
+    ]
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + start_timeout_s
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited ({process.returncode}); its log: {log_path}")
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+                return process, url
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the vLLM server did not answer within {start_timeout_s}s; its log: {log_path}")
+                time.sleep(1)
+    except BaseException:
+        stop_server(process)
+        raise
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL after 20 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -33,62 +32,13 @@ from renio_pl.logprobs import completion_hidden_states, score_tokens, score_toke
 from renio_pl.losses import ForwardKL, SampledReverseKL, TopKForwardKL  # noqa: E402
 from renio_pl.models import load_tokenizer  # noqa: E402
 from renio_pl.rollouts import Rollout, collate_rollouts  # noqa: E402
-from renio_pl.teacher_server import TEMPERATURE_KEY, ServerTeacher, write_tempered_teacher  # noqa: E402
+from renio_pl.teacher_server import (  # noqa: E402
+    TEMPERATURE_KEY, ServerTeacher, free_port, launch_server, stop_server, write_tempered_teacher,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURE = 1.3
 MAX_MODEL_LEN = 128
-START_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the vLLM server exited ({process.returncode}): {log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-            return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"the vLLM server did not answer within {START_TIMEOUT_S}s: {log.read_text()[-3000:]}")
-
-
-def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """`vLLM`'s OpenAI server on a free 127.0.0.1 port, in its own process group, under a hard time limit."""
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [
-        "timeout", "-s", "KILL", "1500", sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-        "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "teacher",
-    ]
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, process, log)
-    except BaseException:
-        stop_server(process)
-        raise
-    return process, url
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL after 20 s."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +48,7 @@ def server(model_dirs, tmp_path_factory):
     tempered = root / "tempered"
     write_tempered_teacher(str(model_dirs["teacher"]), str(tempered), TEMPERATURE)
     started = time.monotonic()
-    process, url = start_server(tempered, root / "server.log")
+    process, url = launch_server(str(tempered), str(root / "server.log"), max_model_len=MAX_MODEL_LEN, kill_after_s=1500)
     print(f"vLLM server up in {time.monotonic() - started:.1f}s")
     yield url, tempered
     stop_server(process)
@@ -178,7 +128,7 @@ def test_scores_through_the_server_equal_the_in_process_ones(server, model_dirs,
 def test_refusals_in_one_line(server, model_dirs, tmp_path):
     url, _ = server
     tokenizer = load_tokenizer(str(model_dirs["student"]))
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConfigError, match=f"no vLLM server answers at {closed}"):
         ServerTeacher(closed).connect(tokenizer)
     other = make_tokenizer("0123456789+-=abc ", None)  # another vocabulary
