@@ -127,7 +127,8 @@ class DistillationModule(pl.LightningModule):
         check_fit_setup(self.trainer, self)  # fp32 master weights, one rollout round per epoch
         self_distillation = getattr(getattr(self.trainer, "datamodule", None), "solution_field", None) is not None
         if self.teacher_server is not None:
-            self.teacher_server.connect(load_tokenizer(self.hparams.student))
+            vocabulary = self.student.get_output_embeddings().weight.shape[0]
+            self.teacher_server.connect(load_tokenizer(self.hparams.student), vocabulary)
             return
         if not self._frozen and not self_distillation:
             raise ConfigError(

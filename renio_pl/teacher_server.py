@@ -119,6 +119,7 @@ class ServerTeacher:
         self.too_long = too_long
         self.rows_per_request = rows_per_request
         self.max_model_len: int | None = None
+        self.vocabulary: int | None = None
 
     # --- HTTP ------------------------------------------------------------------------------
     def _request(self, path: str, payload: dict | None = None, retries: int | None = None) -> Any:
@@ -148,8 +149,13 @@ class ServerTeacher:
         raise down
 
     # --- start-up checks -------------------------------------------------------------------
-    def connect(self, student_tokenizer) -> None:
+    def connect(self, student_tokenizer, vocabulary: int | None = None) -> None:
         """Check, once at the start, that the server answers and serves a teacher with the student's tokenizer.
+
+        Args:
+            student_tokenizer: the student's tokenizer.
+            vocabulary: the student's output vocabulary `V`; a teacher top-k id at or above it
+                (a teacher with a larger padded vocabulary) is then refused in one line.
 
         Raises:
             ConfigError: server down (naming the URL), no or several models without `model`,
@@ -169,6 +175,7 @@ class ServerTeacher:
         elif self.model not in models:
             raise ConfigError(f"model.teacher_server.model {self.model!r} is not served at {self.url} (it serves {models})")
         self._check_tokenizer(student_tokenizer)
+        self.vocabulary = vocabulary
 
     def _check_tokenizer(self, student_tokenizer) -> None:
         """Refuse a served teacher that tokenises a probe text, or decodes sampled ids, unlike the student."""
@@ -255,7 +262,13 @@ class ServerTeacher:
                         ids[row, t, j] = token_id
                         logprobs[row, t, j] = value
         mask = completion_mask.bool()
-        return TeacherTopK(sampled * mask, ids * mask[..., None], logprobs), scored
+        ids = ids * mask[..., None]
+        if self.vocabulary is not None and self.top_k and int(ids.max()) >= self.vocabulary:
+            raise ConfigError(
+                f"the teacher at {self.url} ranks token {int(ids.max())} in its top-k, outside the student's "
+                f"{self.vocabulary}-token vocabulary; serve a teacher with the student's vocabulary size"
+            )
+        return TeacherTopK(sampled * mask, ids, logprobs), scored
 
 
 def write_tempered_teacher(teacher: str, out: str, temperature: float, dtype: str = "float32") -> None:

@@ -144,6 +144,10 @@ def test_refusals_in_one_line(server, model_dirs, tmp_path):
     skipping = _connected(url, model_dirs, too_long="skip")
     top, scored = skipping.score(*long.teacher_inputs(), long.completion_mask, long.temperature)
     assert scored.tolist() == [True, False, True, True] and (top.sampled[1] == 0).all()
+    narrow = ServerTeacher(url, top_k=5, served_temperature=TEMPERATURE)
+    narrow.connect(tokenizer, vocabulary=10)  # as if the student's head had 10 entries
+    with pytest.raises(ConfigError, match="outside the student's 10-token vocabulary"):
+        narrow.score(*batch.teacher_inputs(), batch.completion_mask, TEMPERATURE)
     with pytest.raises(ConfigError, match="ForwardKL needs the teacher's full vocabulary"):
         from renio_pl.module import DistillationModule
 
