@@ -252,3 +252,18 @@ def test_server_dying_mid_run_stops_cleanly_with_the_last_good_checkpoint(server
     assert error.startswith("error: the teacher server at http://127.0.0.1:") and "after 3 tries" in error, error
     assert "at step 4" in error and "last.ckpt" in error and "restart the teacher server" in error, error
     assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_module_leaves_a_too_long_rollout_out_of_the_loss_when_told_to_skip(server, model_dirs):
+    from renio_pl.module import DistillationModule
+
+    url, _ = server
+    tokenizer = load_tokenizer(str(model_dirs["student"]))
+    scorer = _connected(url, model_dirs, too_long="skip")
+    module = DistillationModule(str(model_dirs["student"]), loss=TopKForwardKL(top_k=5), teacher_server=scorer)
+    batch = _batch(tokenizer, completion_lengths=(9, MAX_MODEL_LEN, 1, 6))
+    kept = batch.completion_mask.clone()
+    kept[1] = False
+    scores = module.score(batch)
+    assert torch.equal(batch.completion_mask, kept)  # the skipped rollout has no tokens left for the loss and weights
+    assert (scores.token_loss[1] == 0).all() and (scores.token_loss[0, :9] != 0).all()
