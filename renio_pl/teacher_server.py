@@ -250,17 +250,19 @@ class ServerTeacher:
             for i, choice in enumerate(choices, start=start):
                 (row, prompt_len, completion_len), sequence = rows[i], sequences[i]
                 positions = choice["prompt_logprobs"]  # one entry per prompt token; None for the first
+                row_sampled, row_ids, row_logprobs = [], [], []
                 for t in range(completion_len):
                     entry = positions[prompt_len + t]
-                    token = sequence[prompt_len + t]
-                    sampled[row, t] = entry[str(token)]["logprob"]
-                    ranked = sorted(entry.items(), key=lambda item: item[1]["rank"])
-                    top = [(int(token_id), value["logprob"]) for token_id, value in ranked if value["rank"] <= self.top_k]
-                    if self.top_k and len(top) < self.top_k:  # the sampled token outside the top-k adds one entry
-                        raise RuntimeError(f"the teacher server returned {len(top)} top log-probs, asked {self.top_k}")
-                    for j, (token_id, value) in enumerate(top[: self.top_k]):
-                        ids[row, t, j] = token_id
-                        logprobs[row, t, j] = value
+                    row_sampled.append(entry[str(sequence[prompt_len + t])]["logprob"])
+                    ranked = sorted(entry.items(), key=lambda item: item[1]["rank"])[: self.top_k]
+                    if len(ranked) < self.top_k or (ranked and ranked[-1][1]["rank"] > self.top_k):
+                        raise RuntimeError(f"the teacher server returned fewer top log-probs than the {self.top_k} asked")
+                    row_ids.append([int(token_id) for token_id, _ in ranked])
+                    row_logprobs.append([value["logprob"] for _, value in ranked])
+                sampled[row, :completion_len] = torch.tensor(row_sampled)
+                if self.top_k and completion_len:
+                    ids[row, :completion_len] = torch.tensor(row_ids)
+                    logprobs[row, :completion_len] = torch.tensor(row_logprobs)
         mask = completion_mask.bool()
         ids = ids * mask[..., None]
         if self.vocabulary is not None and self.top_k and int(ids.max()) >= self.vocabulary:
