@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,21 @@ def test_refused_at_construction_in_one_line(model_dirs):
     ]:
         with pytest.raises(ConfigError, match=message):
             ServerTeacher(**bad)
+
+
+def test_fit_with_no_server_at_the_url_stops_in_one_line(model_dirs, prompt_file, tmp_path):
+    from renio_pl.teacher_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [
+        sys.executable, "-m", "renio_pl.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+        "--config", str(ROOT / "configs" / "demo_teacher_server.yaml"), "--model.teacher_server.url", url,
+        "--model.student", str(model_dirs["student"]), "--data.train_path", str(prompt_file),
+        "--data.val_path", str(prompt_file), "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.prompts_per_epoch", "4",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: model.teacher_server: no vLLM server answers at {url} ")
