@@ -20,9 +20,11 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from renio_pl.losses import Loss
+from renio_pl.losses import Loss, TeacherTopK, TopKLoss
 
-__all__ = ["TokenScores", "completion_hidden_states", "score_tokens", "token_logprobs", "position_ids"]
+__all__ = [
+    "TokenScores", "completion_hidden_states", "score_tokens", "score_tokens_top_k", "token_logprobs", "position_ids",
+]
 
 
 @dataclass
@@ -80,11 +82,33 @@ def _score_chunk(
     with torch.no_grad():
         teacher_logprobs = torch.log_softmax(teacher_head(teacher_hidden).float() / temperature, dim=-1)  # (C, V)
     token_loss = loss(student_logprobs, teacher_logprobs, targets)
-    student_sampled = student_logprobs.gather(-1, targets[:, None]).squeeze(-1).detach()
     teacher_sampled = teacher_logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    return token_loss, *_student_terms(student_logprobs, targets, teacher_sampled)
+
+
+def _student_terms(student_logprobs: Tensor, targets: Tensor, teacher_sampled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(C, V), (C,), (C,) -> student log-prob of each target, the teacher's, student entropy; all (C,) detached."""
+    student_sampled = student_logprobs.gather(-1, targets[:, None]).squeeze(-1).detach()
     probs = student_logprobs.detach().exp()
     entropy = -(probs * student_logprobs.detach()).nan_to_num(nan=0.0).sum(dim=-1)
-    return token_loss, student_sampled, teacher_sampled, entropy
+    return student_sampled, teacher_sampled, entropy
+
+
+def _score_chunk_top_k(
+    student_hidden: Tensor,
+    teacher_sampled: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    targets: Tensor,
+    student_head: torch.nn.Module,
+    temperature: float,
+    loss: TopKLoss,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(C, H_S), (C,), (C, k), (C, k), (C,) -> four (C,) tensors: loss, student / teacher log-prob, entropy."""
+    student_logprobs = torch.log_softmax(student_head(student_hidden).float() / temperature, dim=-1)  # (C, V)
+    teacher = TeacherTopK(teacher_sampled.float(), teacher_ids, teacher_logprobs.float())
+    token_loss = loss.forward_top_k(student_logprobs, teacher, targets)
+    return token_loss, *_student_terms(student_logprobs, targets, teacher.sampled)
 
 
 def score_tokens(
@@ -113,16 +137,63 @@ def score_tokens(
     Returns:
         `TokenScores`, each (B, T) float32.
     """
+    return _score_in_chunks(
+        _score_chunk, student_hidden, [teacher_hidden.detach(), targets], (student_head, teacher_head, temperature, loss),
+        mask, chunk_tokens,
+    )
+
+
+def score_tokens_top_k(
+    student_hidden: Tensor,
+    student_head: torch.nn.Module,
+    teacher: TeacherTopK,
+    targets: Tensor,
+    mask: Tensor,
+    temperature: float,
+    loss: TopKLoss,
+    chunk_tokens: int = 4096,
+) -> TokenScores:
+    """`score_tokens` for a teacher seen only through its sampled-token and top-k log-probs (a server).
+
+    Args:
+        student_hidden: (B, T, H_S) from `completion_hidden_states`, with grad when training.
+        student_head: the student's output embedding.
+        teacher: `TeacherTopK` with `sampled` (B, T), `ids` and `logprobs` (B, T, k), at the
+            rollout's temperature, anything off the mask.
+        targets: (B, T) int64 sampled token ids.
+        mask: (B, T) bool, True on generated tokens.
+        temperature: the rollout's sampling temperature (> 0), applied to the student.
+        loss: a loss that reads no more than the teacher's top-k (`teacher_needs` not `vocabulary`).
+        chunk_tokens: generated positions turned into student logits at once.
+    Returns:
+        `TokenScores`, each (B, T) float32.
+    """
+    per_token = [teacher.sampled, teacher.ids, teacher.logprobs, targets]
+    return _score_in_chunks(_score_chunk_top_k, student_hidden, per_token, (student_head, temperature, loss), mask, chunk_tokens)
+
+
+def _score_in_chunks(
+    score_chunk, student_hidden: Tensor, per_token: list[Tensor], constants: tuple, mask: Tensor, chunk_tokens: int
+) -> TokenScores:
+    """Run `score_chunk(student_hidden_C, *per_token_C, *constants)` over the masked positions, `chunk_tokens` at a time.
+
+    Args:
+        score_chunk: returns four (C,) tensors: loss, student / teacher log-prob, entropy.
+        student_hidden: (B, T, H_S).
+        per_token: tensors (B, T, ...) cut at the same masked positions.
+        constants: the remaining arguments, passed unchanged.
+        mask: (B, T) bool.
+        chunk_tokens: positions per chunk.
+    """
     mask = mask.bool()
     flat_student = student_hidden[mask]  # (N, H_S)
-    flat_teacher = teacher_hidden.detach()[mask]  # (N, H_T)
-    flat_targets = targets[mask]  # (N,)
+    flat_per_token = [values[mask] for values in per_token]  # each (N, ...)
     use_checkpoint = torch.is_grad_enabled() and flat_student.requires_grad
     pieces = []
-    for start in range(0, flat_targets.numel(), chunk_tokens):
+    for start in range(0, flat_student.shape[0], chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
-        args = (flat_student[chunk], flat_teacher[chunk], flat_targets[chunk], student_head, teacher_head, temperature, loss)
-        pieces.append(checkpoint(_score_chunk, *args, use_reentrant=False) if use_checkpoint else _score_chunk(*args))
+        args = (flat_student[chunk], *(values[chunk] for values in flat_per_token), *constants)
+        pieces.append(checkpoint(score_chunk, *args, use_reentrant=False) if use_checkpoint else score_chunk(*args))
     if pieces:
         columns = [torch.cat(column) for column in zip(*pieces)]
     else:

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from renio_pl.errors import ConfigError
 
-__all__ = ["REDUCTIONS", "Loss", "ForwardKL", "ReverseKL", "GeneralizedJSD", "SampledReverseKL", "weighted_loss", "rollout_losses"]
+__all__ = [
+    "REDUCTIONS", "TEACHER_NEEDS", "Loss", "ForwardKL", "ReverseKL", "GeneralizedJSD", "TeacherTopK", "TopKLoss",
+    "SampledReverseKL", "TopKForwardKL", "weighted_loss", "rollout_losses",
+]
 
 # Teacher log-probs are floored here before entering a loss: a teacher that gives a sampled
 # token probability 0 (-inf) would otherwise make reverse KL infinite. exp(-1e4) is 0 in any dtype.
@@ -36,6 +41,11 @@ def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 REDUCTIONS = ("sample", "token")
 
+# What a loss reads of the teacher at each position, least first: the log-prob of the sampled
+# token only, that and the teacher's top-k tokens, or the whole vocabulary. A teacher behind a
+# server gives the first two; the in-process teacher gives all three.
+TEACHER_NEEDS = ("sampled", "top_k", "vocabulary")
+
 
 class Loss(torch.nn.Module, ABC):
     """Per-token objective on one chunk of generated positions, and how its batch is reduced.
@@ -47,6 +57,8 @@ class Loss(torch.nn.Module, ABC):
             `opsd_trainer.py` `compute_loss`); `token`: `sum_i w_i sum_t l_it / sum_i |M_i|`,
             every token alike (the TRD release, `recipe/opd/kl_trainer.py` `_compute_kl_loss`).
     """
+
+    teacher_needs: ClassVar[str] = "vocabulary"  # one of TEACHER_NEEDS
 
     def __init__(self, reduction: str = "sample") -> None:
         super().__init__()
@@ -133,17 +145,147 @@ class GeneralizedJSD(Loss):
         return self.beta * teacher_term + (1.0 - self.beta) * student_term
 
 
-class SampledReverseKL(Loss):
+@dataclass
+class TeacherTopK:
+    """What a teacher that cannot give the whole vocabulary (a server) gives at `N` positions.
+
+    Attributes:
+        sampled: (N,) float32 log pi_T of each sampled token.
+        ids: (N, k) int64 the teacher's `k` most likely tokens at each position (`k` may be 0).
+        logprobs: (N, k) float32 their log-probs under the full distribution (not renormalised).
+    """
+
+    sampled: Tensor
+    ids: Tensor
+    logprobs: Tensor
+
+    @classmethod
+    def from_logprobs(cls, teacher_logprobs: Tensor, targets: Tensor, k: int) -> "TeacherTopK":
+        """From full-vocabulary log-probs (N, V) and sampled ids (N,): the sampled and top-`k` entries."""
+        top = teacher_logprobs.topk(min(k, teacher_logprobs.shape[-1]), dim=-1)
+        sampled = teacher_logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        return cls(sampled, top.indices, top.values)
+
+    def floored(self) -> "TeacherTopK":
+        """The same with every log-prob floored at `TEACHER_LOGPROB_FLOOR` (no -inf enters a loss)."""
+        return TeacherTopK(
+            self.sampled.clamp(min=TEACHER_LOGPROB_FLOOR), self.ids, self.logprobs.clamp(min=TEACHER_LOGPROB_FLOOR)
+        )
+
+
+class TopKLoss(Loss):
+    """A loss that reads only the teacher's sampled-token log-prob and (`teacher_needs = "top_k"`) its top-k.
+
+    It works from `TeacherTopK` (`forward_top_k`), so a teacher behind a server can feed it; with
+    the full teacher in the process (`forward`) it takes the same view of it: the sampled entry
+    and the exact top-`top_k`, so both paths give the same value for the same teacher.
+
+    Args:
+        top_k: teacher tokens per position the loss reads (0 when it reads the sampled token only).
+        reduction: `sample` or `token` (see `Loss`).
+    """
+
+    teacher_needs: ClassVar[str] = "sampled"
+
+    def __init__(self, top_k: int = 0, reduction: str = "sample") -> None:
+        super().__init__(reduction)
+        if top_k < 0 or (self.teacher_needs == "top_k" and top_k < 1):
+            raise ConfigError(f"model.loss.init_args.top_k must be >= 1 for {type(self).__name__}; got {top_k}")
+        self.top_k = top_k
+
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
+        return self.top_k_loss(student_logprobs, TeacherTopK.from_logprobs(teacher_logprobs, targets, self.top_k), targets)
+
+    def forward_top_k(self, student_logprobs: Tensor, teacher: TeacherTopK, targets: Tensor) -> Tensor:
+        """Per-token loss from the teacher's sampled and top-k log-probs.
+
+        Args:
+            student_logprobs: (N, V) float32, with grad.
+            teacher: `TeacherTopK` of the same N positions, at least `top_k` wide, no grad.
+            targets: (N,) int64 sampled token ids.
+        Returns:
+            (N,) float32.
+        """
+        if teacher.ids.shape[-1] < self.top_k:
+            raise ConfigError(
+                f"{type(self).__name__} reads the teacher's top {self.top_k} tokens but the teacher gives "
+                f"{teacher.ids.shape[-1]}; raise the teacher's top_k or lower model.loss.init_args.top_k"
+            )
+        floored = teacher.floored()
+        top = TeacherTopK(floored.sampled, floored.ids[:, : self.top_k], floored.logprobs[:, : self.top_k])
+        return self.top_k_loss(student_logprobs, top, targets)
+
+    @abstractmethod
+    def top_k_loss(self, student_logprobs: Tensor, teacher: TeacherTopK, targets: Tensor) -> Tensor:
+        """(N, V), `TeacherTopK` of k = `top_k` (floored), (N,) -> (N,)."""
+
+
+def _log1mexp(log_x: Tensor) -> Tensor:
+    """`log(1 - exp(log_x))` for `log_x <= 0`, accurate at both ends (Maechler, 2012); -inf at 0."""
+    log_x = log_x.clamp(max=0.0)
+    return torch.where(log_x > -math.log(2.0), torch.log(-torch.expm1(log_x)), torch.log1p(-torch.exp(log_x)))
+
+
+class TopKForwardKL(TopKLoss):
+    """Forward `KL(pi_T || pi_S)` over the teacher's top-k tokens at each position.
+
+    `tail="renormalise"`: both distributions restricted to the teacher's top-k set `K` and
+    renormalised there, `sum_{v in K} p(v) (log p(v) - log q(v))` with `p = pi_T / pi_T(K)`,
+    `q = pi_S / pi_S(K)`. `tail="bucket"`: `k + 1` outcomes, the top-k tokens and the rest as
+    one bucket of mass `1 - pi_T(K)` (teacher) and `1 - pi_S(K)` (student), no renormalisation.
+    Both are KLs between proper distributions, so never negative (no clamp needed), and with
+    `k = V` both equal the full-vocabulary `ForwardKL`. The bucket keeps the pressure on the
+    student's mass outside `K`; renormalising drops it.
+
+    Args:
+        top_k: teacher tokens per position (the server teacher must give at least as many).
+        tail: `renormalise` or `bucket`.
+        reduction: `sample` or `token` (see `Loss`).
+    """
+
+    teacher_needs: ClassVar[str] = "top_k"
+    TAILS = ("renormalise", "bucket")
+
+    def __init__(self, top_k: int = 20, tail: str = "bucket", reduction: str = "sample") -> None:
+        super().__init__(top_k, reduction)
+        if tail not in self.TAILS:
+            raise ConfigError(f"model.loss.init_args.tail must be renormalise or bucket; got {tail!r}")
+        self.tail = tail
+
+    def top_k_loss(self, student_logprobs: Tensor, teacher: TeacherTopK, targets: Tensor) -> Tensor:
+        student_top = student_logprobs.gather(-1, teacher.ids)  # (N, k)
+        if self.tail == "renormalise":
+            teacher_top = teacher.logprobs - teacher.logprobs.logsumexp(dim=-1, keepdim=True)
+            student_top = student_top - student_top.logsumexp(dim=-1, keepdim=True)
+            return _kl_terms(teacher_top, student_top).sum(dim=-1)
+        vocabulary = student_logprobs.shape[-1]
+        if teacher.ids.shape[-1] >= vocabulary:  # nothing outside the top-k: no tail bucket
+            return _kl_terms(teacher.logprobs, student_top).sum(dim=-1)
+        teacher_tail = _log1mexp(teacher.logprobs.logsumexp(dim=-1))  # (N,)
+        outside = student_logprobs.scatter(-1, teacher.ids, float("-inf"))  # (N, V), -inf on the top-k
+        student_tail = outside.logsumexp(dim=-1)  # (N,) exact: no 1 - sum cancellation
+        teacher_all = torch.cat([teacher.logprobs, teacher_tail[:, None]], dim=-1)  # (N, k + 1)
+        student_all = torch.cat([student_top, student_tail[:, None]], dim=-1)
+        return _kl_terms(teacher_all, student_all).sum(dim=-1)
+
+
+class SampledReverseKL(TopKLoss):
     """Single-sample reverse KL (Lu et al., 2025): `stopgrad(l_t) * log pi_S(y_t)`.
 
     Its gradient is the policy-gradient estimate of `grad KL(pi_S || pi_T)` with the sampled
-    token `y_t`; only the teacher's log-prob of that token enters.
+    token `y_t`; only the teacher's log-prob of that token enters (`teacher_needs = "sampled"`),
+    so a server teacher can feed it.
+
+    Args:
+        reduction: `sample` or `token` (see `Loss`).
     """
 
-    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
+    def __init__(self, reduction: str = "sample") -> None:
+        super().__init__(0, reduction)
+
+    def top_k_loss(self, student_logprobs: Tensor, teacher: TeacherTopK, targets: Tensor) -> Tensor:
         student_sampled = student_logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
-        teacher_sampled = teacher_logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
-        return (student_sampled - teacher_sampled).detach() * student_sampled
+        return (student_sampled - teacher.sampled).detach() * student_sampled
 
 
 def rollout_losses(token_loss: Tensor, mask: Tensor) -> Tensor:

@@ -29,11 +29,12 @@ from renio_pl.errors import ConfigError, TrainingDiverged
 from renio_pl.evaluators.accuracy import accuracy_metrics, completion_record, compute_accuracy, update_accuracy
 from renio_pl.guards import check_fit_setup
 from renio_pl.losses import ForwardKL, Loss, rollout_losses, weighted_loss
-from renio_pl.logprobs import TokenScores, completion_hidden_states, score_tokens
+from renio_pl.logprobs import TokenScores, completion_hidden_states, score_tokens, score_tokens_top_k
 from renio_pl.models import DType, LoRA, check_same_vocabulary, load_model, load_tokenizer
 from renio_pl.parallel import shard_student
 from renio_pl.paths import InputPath
 from renio_pl.rollouts import Rollout, RolloutBatch
+from renio_pl.teacher_server import ServerTeacher, TeacherServerDown
 from renio_pl.weighters import UniformWeighter, Weighter, WeighterInputs
 
 __all__ = ["DistillationModule"]
@@ -64,6 +65,9 @@ class DistillationModule(pl.LightningModule):
         diagnostics: per round, when the rollouts carry verifier labels: AUROC and mean weight
             of correct vs incorrect rollouts for the active and other weighters, lengths and
             epistemic markers (`renio_pl.diagnostics`); never used for training. None: off.
+        teacher_server: take the teacher's log-probs from a running vLLM server instead of
+            `teacher` (`renio_pl.teacher_server.ServerTeacher`); the loss must read no more
+            than the teacher's top-k (`SampledReverseKL`, `TopKForwardKL`).
     """
 
     def __init__(
@@ -81,11 +85,17 @@ class DistillationModule(pl.LightningModule):
         evaluate_before_fit: bool = True,
         pass_at_k: list[int] = [4],
         diagnostics: Diagnostics | None = lazy_instance(Diagnostics),
+        teacher_server: ServerTeacher | None = None,
     ) -> None:
         super().__init__()
         if chunk_tokens < 1:
             raise ConfigError(f"model.chunk_tokens must be >= 1; got {chunk_tokens}")
-        self.save_hyperparameters(ignore=components_outside_cli("weighter", "loss", "optimizer", "lr_scheduler", "diagnostics"))
+        self.save_hyperparameters(
+            ignore=components_outside_cli("weighter", "loss", "optimizer", "lr_scheduler", "diagnostics", "teacher_server")
+        )
+        self.teacher_server = teacher_server
+        if teacher_server is not None:
+            _check_server_teacher(teacher, loss, teacher_server)
         self.weighter = weighter
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -120,6 +130,10 @@ class DistillationModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         check_fit_setup(self.trainer, self)  # fp32 master weights, one rollout round per epoch
         self_distillation = getattr(getattr(self.trainer, "datamodule", None), "solution_field", None) is not None
+        if self.teacher_server is not None:
+            vocabulary = self.student.get_output_embeddings().weight.shape[0]
+            self.teacher_server.connect(load_tokenizer(self.hparams.student), vocabulary)
+            return
         if not self._frozen and not self_distillation:
             raise ConfigError(
                 "fit needs a teacher: set model.teacher to a hub id or a local model folder, or set "
@@ -154,6 +168,12 @@ class DistillationModule(pl.LightningModule):
         student_hidden = completion_hidden_states(
             self.student, batch.input_ids, batch.attention_mask, batch.prompt_length
         )  # (B, T, H_S)
+        if self.teacher_server is not None:
+            teacher_top_k = self._server_scores(batch)
+            return score_tokens_top_k(
+                student_hidden, self.student.get_output_embeddings(), teacher_top_k, batch.completion_ids,
+                batch.completion_mask, batch.temperature, self.loss, self.chunk_tokens,
+            )
         with torch.no_grad(), self._teaching() as teacher:
             teacher_hidden = completion_hidden_states(teacher, *batch.teacher_inputs())  # (B, T, H_T)
             teacher_head = teacher.get_output_embeddings()  # not adapted: LoRA's all-linear skips the head
@@ -168,6 +188,17 @@ class DistillationModule(pl.LightningModule):
             self.loss,
             self.chunk_tokens,
         )
+
+    def _server_scores(self, batch: RolloutBatch):
+        """The server teacher's `TeacherTopK` of the batch; rollouts it left out (too long) lose their mask in place."""
+        try:
+            teacher_top_k, scored = self.teacher_server.score(*batch.teacher_inputs(), batch.completion_mask, batch.temperature)
+        except TeacherServerDown as error:
+            self._diverged(str(error), fix="restart the teacher server")
+        batch.completion_mask &= scored.to(batch.completion_mask.device)[:, None]
+        if self._trainer is not None and self.training:
+            self.log("teacher/skipped_rollouts", float((~scored).sum()), reduce_fx="sum", batch_size=len(scored))
+        return teacher_top_k
 
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor | None:
         """The batch loss; None (no backward, no optimizer step) when every process weighted all rollouts 0."""
@@ -208,11 +239,11 @@ class DistillationModule(pl.LightningModule):
         if not torch.isfinite(norm):  # the same on every process: DDP keeps the weights equal
             self._diverged("the update made the student's weights NaN or inf")
 
-    def _diverged(self, what: str) -> None:
+    def _diverged(self, what: str, fix: str = "lower the learning rate or check the data") -> None:
         checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or None
         raise TrainingDiverged(
             f"{what} at step {self.global_step}, epoch {self.current_epoch}; the last good checkpoint is "
-            f"{checkpoint or 'none (no checkpoint was written)'}; lower the learning rate or check the data, "
+            f"{checkpoint or 'none (no checkpoint was written)'}; {fix}, "
             "then resume from it with --ckpt_path"
         )
 
@@ -328,6 +359,22 @@ def components_outside_cli(*names: str) -> list[str]:
     Lightning would pickle into the checkpoint: left out.
     """
     return [] if _given_hyperparameters.get() is not None else list(names)
+
+
+def _check_server_teacher(teacher: str | None, loss: Loss, teacher_server: ServerTeacher) -> None:
+    """One line against a server teacher beside `model.teacher`, or under a loss that needs more than its top-k."""
+    if teacher is not None:
+        raise ConfigError("set model.teacher or model.teacher_server, not both")
+    if loss.teacher_needs == "vocabulary":
+        raise ConfigError(
+            f"model.loss {type(loss).__name__} needs the teacher's full vocabulary, which model.teacher_server does not "
+            "give; use renio_pl.losses.TopKForwardKL or SampledReverseKL, or an in-process model.teacher"
+        )
+    if loss.teacher_needs == "top_k" and teacher_server.top_k < loss.top_k:
+        raise ConfigError(
+            f"model.loss reads the teacher's top {loss.top_k} tokens but model.teacher_server.top_k is "
+            f"{teacher_server.top_k}; set it to at least {loss.top_k}"
+        )
 
 
 def _samples_per_problem(datamodule, attribute: str) -> int:

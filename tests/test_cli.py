@@ -12,7 +12,7 @@ from renio_pl.cli import main
 from tests.conftest import tiny_qwen3, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = {ROOT / "configs" / "demo_vllm.yaml"}  # applied on top of demo.yaml, not alone
+OVERLAYS = {ROOT / "configs" / "demo_vllm.yaml", ROOT / "configs" / "demo_teacher_server.yaml"}  # on top of demo.yaml
 # REDI's configs are for `renio-pl-redi` / `renio-pl-redi-traces`; tests/test_redi.py parses them
 REDI = {*(ROOT / "configs").glob("demo_redi*.yaml"), *(ROOT / "configs" / "paper").glob("redi_*.yaml")}
 FIT_CONFIGS = sorted(
