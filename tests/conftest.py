@@ -79,7 +79,7 @@ def small_fit(models: dict[str, Path], prompt_file: Path, folder: Path, callback
             **(model or {}),
         },
         "data": {
-            "train_path": str(prompt_file), "prompts_per_epoch": 4, "batch_size": 2,
+            "train_path": str(prompt_file), "prompts_per_epoch": 4, "batch_size": 2, "seed": 0,
             "sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 5},
             **(data or {}),
         },

@@ -53,7 +53,7 @@ class _Trainer:  # what the data module reads of a trainer when it samples a rou
 def round_rollouts(model_dirs, prompt_file, epoch: int, rank: int, world: int) -> dict[tuple[int, int], list[int]]:
     """Rank `rank` of `world`'s rollouts of round `epoch`: (prompt, sample) -> completion ids."""
     data = OnPolicyDataModule(str(prompt_file), tokenizer=str(model_dirs["student"]), prompts_per_epoch=5,
-                              sampling=SamplingConfig(n=2, max_new_tokens=4))
+                              sampling=SamplingConfig(n=2, max_new_tokens=4), seed=0)
     data.trainer = _Trainer(AutoModelForCausalLM.from_pretrained(model_dirs["student"]), rank, world)
     data.setup("fit")
     return {(r.prompt_index, r.sample_index): r.completion_ids for r in data.sample_round(epoch)}
@@ -325,7 +325,7 @@ def test_ddp_fit_trains_the_student_on_both_ranks_alike_and_keeps_the_teacher(dd
         assert torch.isfinite(torch.tensor(steps[0][step]["loss"])) and torch.isfinite(torch.tensor(steps[1][step]["loss"]))
         assert steps[0][step]["student"] == steps[1][step]["student"], f"ranks differ after step {step}"
         assert steps[0][step]["student"] != steps[0][step - 1]["student"], f"step {step} changed nothing"
-    data = OnPolicyDataModule(str(prompt_file), tokenizer=str(tied_models["student"]), prompts_per_epoch=4)
+    data = OnPolicyDataModule(str(prompt_file), tokenizer=str(tied_models["student"]), prompts_per_epoch=4, seed=0)
     data.setup("fit")
     rounds = [records(ddp_run, rank)[1] for rank in (0, 1)]
     for epoch in range(3):  # each rank samples its share; together the one-process round

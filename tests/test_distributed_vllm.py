@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,15 +65,20 @@ def one_process_round(engine, model_dirs, prompts: Path, setup: str, weights: di
         student.load_state_dict(weights)
     data = OnPolicyDataModule(str(prompts), tokenizer=str(model_dirs["student"]), prompts_per_epoch=4,
                               batch_size=2, sampling=SamplingConfig(n=2, temperature=1.0, max_new_tokens=5),
-                              engine=engine, solution_field="solution" if "opsd" in setup else None)
+                              engine=engine, solution_field="solution" if "opsd" in setup else None, seed=0)
     data.trainer = _Trainer(student, 0, 1)
     data.setup("fit")
     return {(r.prompt_index, r.sample_index): r.completion_ids for r in data.sample_round(epoch)}
 
 
 @pytest.fixture(scope="module")
-def engine() -> VLLMGenerator:
-    return VLLMGenerator(max_model_len=1024, kv_cache_gib=0.25, enforce_eager=True)
+def engine() -> Iterator[VLLMGenerator]:
+    yield VLLMGenerator(max_model_len=1024, kv_cache_gib=0.25, enforce_eager=True)
+    # the in-process engine set up torch.distributed in this pytest process: take it down for the modules after
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
 
 
 @pytest.fixture(scope="module")

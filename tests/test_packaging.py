@@ -96,4 +96,5 @@ def test_wheel_ships_configs_and_benchmark_data(tmp_path):
     done = run(str(python.parent / "renio-pl"), "test", "--config", "configs/eval/gsm8k.yaml",
                "--model.student", "some/model", "--print_config")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "path: evaluation/data/math/gsm8k_test.jsonl" in done.stdout
+    # the config's relative data path, found from the working folder (not beside the config), read as that file
+    assert f"path: {work / 'evaluation' / 'data' / 'math' / 'gsm8k_test.jsonl'}" in done.stdout

@@ -30,6 +30,8 @@ import torch  # noqa: E402
 
 from fixture import CASES, EOS_ID, LORA, PAD_ID, TEMPERATURE, Fixture, Rollouts  # noqa: E402
 
+from renio_pl.demo.task import make_tokenizer  # noqa: E402
+
 VOCAB = 64
 HEAD_SCALE = 5.0  # lm_head weights x5: sampled tokens' log-ratios spread over about [-2, 3], across ReNIO's thresholds
 LORA_STD = 0.15  # random LoRA A and B, so the OPSD student differs from its base weights
@@ -119,8 +121,10 @@ def sample(model, prompt: list[int], length: int, generator: torch.Generator) ->
 def build_fixture(folder: Path) -> Fixture:
     """Models in `folder/student`, `folder/teacher`; rollouts and LoRA weights in the returned `Fixture`."""
     student, teacher = tiny_model(0), tiny_model(1)
+    tokenizer = make_tokenizer()  # <pad> 0, <eos> 1 as the models have; the rollouts are token ids, never text
     for name, model in (("student", student), ("teacher", teacher)):
         model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
     generator = torch.Generator().manual_seed(11)
 
     def tokens(n: int) -> list[int]:
