@@ -20,7 +20,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -84,6 +84,7 @@ class ModelSpec:
     intermediate_size: int
     sft_steps: int
     seed: int
+    sft_lr: float | None = None  # None: DemoSpec.sft_lr
 
 
 @dataclass
@@ -93,12 +94,15 @@ class DemoSpec:
     held_out: int = 500
     sft_batch_size: int = 128
     sft_lr: float = 3e-3
-    teacher: ModelSpec = field(default_factory=lambda: ModelSpec(128, 3, 4, 256, sft_steps=500, seed=1))
+    # the teacher at 3e-3 stuck at a loss plateau (1-2% held-out, seeds 1 and 2) on some CPUs' float arithmetic;
+    # at 1e-3 it reached 100% on every seed tried
+    teacher: ModelSpec = field(default_factory=lambda: ModelSpec(128, 3, 4, 256, sft_steps=500, seed=1, sft_lr=1e-3))
     student: ModelSpec = field(default_factory=lambda: ModelSpec(128, 3, 4, 256, sft_steps=400, seed=2))
     student_sees_carries: bool = False
     split_seed: int = 0
     task: str = "answer"  # `answer` or `trace` (see the module docstring)
-    version: int = 3
+    teacher_attempts: int = 3  # SFT seeds tried in turn (teacher.seed, +1, ...) until the teacher passes
+    version: int = 4
 
 
 def reasoning_spec() -> DemoSpec:
@@ -147,8 +151,9 @@ def _train_sft(
     rows = torch.tensor(
         [tokenizer(problem(a, b) + completion(demo.task, a, b))["input_ids"] + [tokenizer.eos_token_id] for a, b in pairs]
     )  # (N, 6 + C + 1): 6 prompt tokens, the C completion characters (every completion of a task has the same length), EOS
-    optimizer = torch.optim.AdamW(model.parameters(), lr=demo.sft_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, demo.sft_lr, total_steps=spec.sft_steps, pct_start=0.1)
+    lr = spec.sft_lr if spec.sft_lr is not None else demo.sft_lr
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=spec.sft_steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(spec.seed)
     model.train()
     for _ in range(spec.sft_steps):
@@ -203,15 +208,19 @@ def build_assets(folder: str | Path, spec: DemoSpec | None = None) -> Path:
     carry_free = [(a, b) for a, b in train if a % 10 + b % 10 < 10]
     for name in ("teacher", "student"):
         pairs = carry_free if name == "student" and not spec.student_sees_carries else train
-        model = _train_sft(getattr(spec, name), tokenizer, pairs, spec)
-        accuracy = greedy_accuracy(model, tokenizer, held_out, spec.task)
-        log.info("demo %s trained: %.1f%% greedy held-out accuracy (%.0f s so far)", name, 100 * accuracy,
-                 time.perf_counter() - start)
-        if name == "teacher" and accuracy < TEACHER_MIN_ACCURACY:
+        model_spec = getattr(spec, name)
+        for attempt in range(spec.teacher_attempts if name == "teacher" else 1):
+            model = _train_sft(replace(model_spec, seed=model_spec.seed + attempt), tokenizer, pairs, spec)
+            accuracy = greedy_accuracy(model, tokenizer, held_out, spec.task)
+            log.info("demo %s trained (seed %d): %.1f%% greedy held-out accuracy (%.0f s so far)", name,
+                     model_spec.seed + attempt, 100 * accuracy, time.perf_counter() - start)
+            if name == "student" or accuracy >= TEACHER_MIN_ACCURACY:
+                break
+        else:
             raise RuntimeError(
                 f"the demo teacher reached only {100 * accuracy:.1f}% greedy held-out accuracy (under "
-                f"{100 * TEACHER_MIN_ACCURACY:.0f}%): its SFT did not converge; rebuild, or change DemoSpec.teacher "
-                "(seed or sft_steps)"
+                f"{100 * TEACHER_MIN_ACCURACY:.0f}%) with {spec.teacher_attempts} SFT seeds: its SFT did not converge; "
+                "change DemoSpec.teacher (sft_steps) or DemoSpec.sft_lr"
             )
         model.save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)
