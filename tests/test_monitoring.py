@@ -60,7 +60,7 @@ def test_missing_logger_package_is_one_line_with_the_extra():
 def test_cli_missing_logger_package_is_one_line(logger, model_dirs, prompt_file, tmp_path):
     package = {"TensorBoardLogger": "tensorboard", "WandbLogger": "wandb"}[logger]
     if any((Path(p) / package).is_dir() for p in sys.path if p):
-        pytest.skip(f"{package} is installed here")
+        pytest.skip(reason=f"{package} is installed here: the missing-package error cannot be shown")
     done = subprocess.run(
         [sys.executable, "-m", "renio_pl.cli", "fit", "--model.student", str(model_dirs["student"]),
          "--data.train_path", str(prompt_file), "--trainer.logger", logger, "--trainer.logger.save_dir", str(tmp_path)],
