@@ -34,8 +34,9 @@ from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from renio_pl.cli import main
 from renio_pl.datamodule import OnPolicyDataModule, balance_shares, batch_sizes
+from renio_pl.evaluators.accuracy import accuracy_metrics, compute_accuracy, update_accuracy
 from renio_pl.parallel import shard_student
-from renio_pl.rollouts import SamplingConfig
+from renio_pl.rollouts import Rollout, SamplingConfig
 from renio_pl.weighters import ReNIOWeighter, WeighterInputs
 from tests.conftest import REPO, run_in_own_group, small_fit, tiny_qwen3, tiny_tokenizer
 
@@ -110,6 +111,27 @@ def test_a_rank_whose_sequences_end_first_keeps_decoding_with_the_other_under_fs
              nprocs=2)
     lengths = [len(torch.load(tmp_path / f"out.rank{rank}.pt")) for rank in (0, 1)]
     assert lengths == [2, 6]
+
+
+# --- held-out accuracy when one process graded nothing ------------------------------------------
+def _accuracy_worker(rank: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    metrics = accuracy_metrics(n=2, pass_at_k=[2])
+    graded = [Rollout([1], [2], 0, 1.0, 0, "3", True, r"\boxed{3}", "3"), Rollout([1], [2], 0, 1.0, 1, "3", False, r"\boxed{4}", "4")]
+    results = []
+    for round_rollouts in (graded, [], graded):  # rank 1 never grades; in round 2 nobody does
+        update_accuracy(metrics, round_rollouts if rank == 0 else [], torch.device("cpu"))
+        results.append(compute_accuracy(metrics))
+    torch.save(results, f"{out}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_accuracy_over_two_processes_when_one_or_both_graded_nothing(tmp_path):
+    """Rank 1 holds no record; then neither does: both get the same results, and the metrics stay usable."""
+    mp.spawn(_accuracy_worker, args=(str(tmp_path / "init"), str(tmp_path / "accuracy")), nprocs=2)
+    expected = [{"avg@2": 0.5, "maj@2": 1.0, "pass@2": 1.0}, {}, {"avg@2": 0.5, "maj@2": 1.0, "pass@2": 1.0}]
+    assert [torch.load(tmp_path / f"accuracy.rank{rank}.pt") for rank in (0, 1)] == [expected, expected]
 
 
 # --- ReNIO `scope: global` over two processes ----------------------------------------------

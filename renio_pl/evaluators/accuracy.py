@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import MetricCollection
 
-from renio_pl.evaluators.metrics import AvgAtK, MajorityVote, NothingGraded, PassAtK, answer_key
+from renio_pl.evaluators.metrics import AvgAtK, MajorityVote, PassAtK, SampleRecords, answer_key
 from renio_pl.rollouts import Rollout
 
 __all__ = ["accuracy_metrics", "update_accuracy", "compute_accuracy", "completion_record"]
@@ -42,13 +42,24 @@ def update_accuracy(metrics: MetricCollection, rollouts: list[Rollout], device: 
 
 
 def compute_accuracy(metrics: MetricCollection) -> dict[str, float]:
-    """Every metric over all processes' records (empty when nothing was graded anywhere); then reset."""
-    try:
-        results = {name: float(value) for name, value in metrics.compute().items()}
-    except NothingGraded:
-        results = {}
+    """Every metric over all processes' records (empty when nothing was graded anywhere); then reset.
+
+    Every process must call it (a collective when torch.distributed is initialized). The count
+    of records is agreed on first: `compute` on records that are empty everywhere would raise
+    between torchmetrics' sync and unsync, leaving the states synced and the metrics unusable.
+    """
+    results = {name: float(value) for name, value in metrics.compute().items()} if _graded_anywhere(metrics) else {}
     metrics.reset()
     return results
+
+
+def _graded_anywhere(metrics: MetricCollection) -> bool:
+    """Whether any process holds a graded record (the members of the collection share one copy)."""
+    records: SampleRecords = next(iter(metrics.values()))
+    count = torch.tensor([float(sum(len(part) for part in records.problem))], device=records.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)
+    return bool(count.item() > 0)
 
 
 def completion_record(rollout: Rollout) -> dict:
