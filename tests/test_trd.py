@@ -396,3 +396,129 @@ def test_trd_with_the_vllm_engine(trd_dirs, tmp_path, opd):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "vllm trd ok 4" in done.stdout  # two rounds: the student's rollouts, then the rewrites
+
+
+# --- the token reduction's count, as the release takes it: each micro-step over every process -----
+class StepGradients(pl.Callback):
+    """Per rank: the batches of the first optimizer step and its gradient before the update (`folder/step.rank<r>.pt`)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.batches = Path(folder), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            self.batches.append(batch)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            grads = {n: p.grad.detach().clone() for n, p in pl_module.student.named_parameters() if p.grad is not None}
+            torch.save({"batches": self.batches, "grads": grads}, self.folder / f"step.rank{trainer.global_rank}.pt")
+
+
+def _token_module(dirs: dict[str, Path]) -> DistillationModule:
+    from renio_pl.losses import ForwardKL
+    from renio_pl.weighters import UniformWeighter
+
+    return DistillationModule(str(dirs["student"]), str(dirs["teacher"]), weighter=UniformWeighter(),
+                              loss=ForwardKL(reduction="token"), diagnostics=None, evaluate_before_fit=False)
+
+
+def _summed_token_losses(module: DistillationModule, batch) -> tuple[torch.Tensor, int]:
+    """Each micro-batch's summed token KL (with grad) and its generated tokens, scored by `module`."""
+    mask = batch.completion_mask
+    return (module.score(batch).token_loss * mask).sum(), int(mask.sum())
+
+
+def _reference_gradient(dirs, micro_steps: list[list], pooled_over_step: bool = False) -> dict[str, torch.Tensor]:
+    """One process's gradient by hand: `(1 / G) sum_a S_a / N_a` over the `G` micro-steps, each micro-step's
+    batches (one per rank) pooled; `pooled_over_step`: `sum_a S_a / sum_a N_a` instead (not the release's)."""
+    module = _token_module(dirs)
+    sums = [[_summed_token_losses(module, batch) for batch in step] for step in micro_steps]
+    S = [sum(s for s, _ in step) for step in sums]  # noqa: N806
+    N = [sum(n for _, n in step) for step in sums]  # noqa: N806
+    loss = sum(S) / sum(N) if pooled_over_step else sum(s / n for s, n in zip(S, N)) / len(micro_steps)
+    loss.backward()
+    return {n: p.grad for n, p in module.student.named_parameters() if p.grad is not None}
+
+
+def _assert_gradients(got: dict, expected: dict, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
+
+
+def _differ(a: dict, b: dict) -> bool:
+    return any(not torch.allclose(a[n], b[n], rtol=1e-3, atol=1e-6) for n in a)
+
+
+@pytest.mark.parametrize("layout", ["two-micro-batches", "one-batch"])
+def test_token_reduction_one_process_with_gradient_accumulation_matches_the_release_by_hand(model_dirs, tmp_path, layout):
+    """Rollouts of 1 and 4 generated tokens. Two micro-batches of one step (accumulate_grad_batches 2):
+    the release's `(S_1 / 1 + S_2 / 4) / 2`, each micro-step its own count. One batch of both:
+    `(S_1 + S_2) / 5`."""
+    from renio_pl.rollouts import collate_rollouts
+    from tests.conftest import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    prompt = tokenizer("What is 2+3?")["input_ids"]
+    rollouts = [Rollout(prompt, [5], 0, 1.0), Rollout(prompt[:-2], [7, 8, 9, 10], 1, 1.0)]
+    groups = [[rollouts[0]], [rollouts[1]]] if layout == "two-micro-batches" else [rollouts]
+    batches = [collate_rollouts(group, tokenizer.pad_token_id) for group in groups]
+    assert [int(b.completion_mask.sum()) for b in batches] == ([1, 4] if len(batches) == 2 else [5])
+    module = _token_module(model_dirs)
+    recorder = StepGradients(str(tmp_path))
+    trainer = pl.Trainer(max_steps=1, accumulate_grad_batches=len(batches), accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[recorder])
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+    trainer.fit(module, train_dataloaders=loader)
+    got = torch.load(tmp_path / "step.rank0.pt", weights_only=False)["grads"]
+    steps = [[b] for b in batches]  # one process: each micro-step is one batch
+    expected = _reference_gradient(model_dirs, steps)
+    _assert_gradients(got, expected)
+    if len(batches) == 2:  # the count of the whole step instead, (S_1 + S_2) / 5, is another gradient
+        assert _differ(expected, _reference_gradient(model_dirs, steps, pooled_over_step=True))
+
+
+@pytest.fixture(scope="module")
+def stopping_student(tmp_path_factory, model_dirs) -> dict[str, Path]:
+    """The tiny student with a third of the vocabulary as EOS, so its rollouts stop at varied lengths."""
+    from tests.conftest import save_model
+
+    folder = save_model(tmp_path_factory.mktemp("stopping") / "student", 0)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = list(range(1, 26))
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return {"student": folder, "teacher": model_dirs["teacher"]}
+
+
+@pytest.mark.slow
+def test_token_reduction_on_two_ddp_processes_equals_one_process_on_their_union(stopping_student, prompt_file, tmp_path):
+    """A real 2-process DDP fit (gloo), accumulate_grad_batches 2: its first step's gradient, on both ranks,
+    is one process's `(1 / 2) sum_a (S_0a + S_1a) / (N_0a + N_1a)` over both ranks' micro-batches."""
+    from tests.conftest import small_fit
+
+    recorder = {"class_path": "tests.test_trd.StepGradients", "init_args": {"folder": str(tmp_path)}}
+    done = small_fit(
+        stopping_student, prompt_file, tmp_path, [recorder],
+        "--config", str(ROOT / "configs" / "strategies" / "ddp.yaml"),
+        trainer={"devices": 2, "accumulate_grad_batches": 2, "max_steps": 1},
+        model={"weighter": {"class_path": "renio_pl.weighters.UniformWeighter"},
+               "loss": {"class_path": "renio_pl.losses.ForwardKL", "init_args": {"reduction": "token"}},
+               "diagnostics": None, "lr_scheduler": None},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"step.rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert [len(r["batches"]) for r in ranks] == [2, 2]  # 8 rollouts, 4 a rank in batches of 2: one step
+    micro_steps = [[ranks[0]["batches"][a], ranks[1]["batches"][a]] for a in range(2)]
+    counts = [[int(b.completion_mask.sum()) for b in step] for step in micro_steps]
+    assert any(step[0] != step[1] for step in counts), f"equal counts {counts} would not tell the reductions apart"
+    expected = _reference_gradient(stopping_student, micro_steps)
+    for rank in (0, 1):
+        _assert_gradients(ranks[rank]["grads"], expected)
+    # each rank's own token mean, averaged over the ranks (what the count of one rank's tokens gives): another gradient
+    module = _token_module(stopping_student)
+    per_rank = [[_summed_token_losses(module, batch) for batch in step] for step in micro_steps]
+    (sum(s / n for step in per_rank for s, n in step) / 4).backward()
+    assert _differ(expected, {n: p.grad for n, p in module.student.named_parameters() if p.grad is not None})
