@@ -287,30 +287,66 @@ TRD_PAPER = ["trd_qwen3_1.7b_opd.yaml", "trd_qwen3_1.7b_opsd.yaml"]
 AUTHORS_SAMPLING = {"n": 1, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 16384}
 
 
+def release_steps(problems: int, gpus: int = 8, accumulation: int = 16) -> int:
+    """The TRD release's optimizer steps for one epoch: ceil(len(loader) / accumulation) (kl_trainer.py,
+    KLTrainer.__init__), a DistributedSampler without drop_last giving each GPU ceil(N / gpus) batches of 1."""
+    return math.ceil(math.ceil(problems / gpus) / accumulation)
+
+
+# config -> (training problems, data path, answer field, full rounds trained): OPD on MATH train offline
+# (7,474: 58 full rounds of the release's 59 steps), OPSD on DeepScaleR as the release (40,315: 315).
+TRD_DATA = {
+    "trd_qwen3_1.7b_opd.yaml": (7474, "evaluation/data/train/math_train_deepscaler.jsonl", "answer", 58),
+    "trd_qwen3_1.7b_opsd.yaml": (40315, "agentica-org/DeepScaleR-Preview-Dataset", "answer", 315),
+}
+
+
 @pytest.mark.parametrize("name", TRD_PAPER)
 def test_paper_trd_configs_carry_the_authors_settings(name, capsys):
+    """Every value of the release's run (recipe/opd/run/{opd,opsd}/math/qwen3-1.7B/forward_kl_y_r.sh over
+    run_config.py, launch_training.py, config.py, kl_trainer.py, prepare_training_data.py)."""
     printed = printed_config("fit", ROOT / "configs" / "paper" / name, capsys)
     model, data, trainer = printed["model"], printed["data"], printed["trainer"]
+    # LoRA r 64 / alpha 128 on the 7 projections; no dropout (verl's engine never passes config.py's 0.05)
     assert model["student"] == "Qwen/Qwen3-1.7B" and model["student_lora"] == {
-        "r": 64, "alpha": 128, "dropout": 0.05, "target_modules": "all-linear"}
+        "r": 64, "alpha": 128, "dropout": 0.0, "target_modules": "all-linear"}
+    assert (model["dtype"], trainer["precision"]) == ("bfloat16", "bf16-mixed")  # bf16 compute, fp32 trainables
+    # AdamW lr 5e-6 (not config.py's 2e-5), betas (0.9, 0.95), weight decay 0.005 (not 0.01), clip 1.0
     optimizer = model["optimizer"]["init_args"]
     assert model["optimizer"]["class_path"] == "torch.optim.AdamW"
     assert (optimizer["lr"], optimizer["betas"], optimizer["weight_decay"]) == (5e-6, [0.9, 0.95], 0.005)
     assert trainer["gradient_clip_val"] == 1.0
+    # forward KL at temperature 1, no clip (KL_TOKEN_CLIP 0, not config.py's 0.1), token reduction
     assert model["loss"] == {"class_path": "renio_pl.losses.ForwardKL", "init_args": {"clamp": None, "reduction": "token"}}
     assert model["weighter"]["class_path"] == "renio_pl.weighters.UniformWeighter"
+    # batch: 8 GPUs x 1 x 16 accumulation steps = one round of 128 per optimizer step
+    assert (trainer["devices"], data["batch_size"], trainer["accumulate_grad_batches"]) == (8, 1, 16)
+    assert data["prompts_per_epoch"] == 128
+    # sampling of y_o and y_r, one each per problem
     refiner = data["refiner"]["init_args"]
     assert data["sampling"] == AUTHORS_SAMPLING == refiner["sampling"]
     assert refiner["schedule"] == "once" and refiner["score_temperature"] == 1.0
+    # schedule: verl's cosine over the release's step count, warm-up int(0.1 T), floor 0.1 x lr
+    problems, path, answer, rounds = TRD_DATA[name]
+    total = release_steps(problems)
+    assert model["lr_scheduler"] == {"class_path": "renio_pl.schedules.WarmupDecay", "init_args": {
+        "total_steps": total, "warmup_steps": int(0.1 * total), "shape": "cosine", "min_ratio": 0.1}}
+    assert trainer["max_steps"] == rounds <= total  # full rounds of 128 only: the OPD data leaves a 59th of 7 x 8
+    # data and prompts: student prompts over 2,048 tokens dropped (OPSD: the solution prompt bounded too)
+    assert data["train_path"].endswith(path) and (data["prompt_field"], data["answer_field"]) == ("problem", answer)
     opsd = "opsd" in name
+    assert (data["max_prompt_tokens"], data["long_prompts"]) == (4096 if opsd else 2048, "drop")
     assert model["teacher"] == (None if opsd else "Qwen/Qwen3-8B")
-    assert (data["solution_field"] is not None) == opsd
+    assert data["solution_field"] == ("solution" if opsd else None)
     thinking = data["prompt_format"]["chat_template_kwargs"]
+    assert thinking == {"enable_thinking": True}  # the release's chat requests: Qwen3's default
     assert refiner["prompt_format"]["chat_template_kwargs"] == thinking  # y_r fits after the student's prompt
     assert refiner["prompt_format"]["template"] == (TRD_OPSD_TEMPLATE if opsd else TRD_OPD_TEMPLATE)
-    scheduler = model["lr_scheduler"]
-    assert scheduler["class_path"] == "renio_pl.schedules.WarmupDecay"
-    assert scheduler["init_args"]["total_steps"] == trainer["max_steps"]
+
+
+def test_release_step_counts_by_hand():
+    # 7,474 problems: 935 batches a GPU, 58 full steps of 16 and a 59th of 7; 40,315: 5,040 = 315 x 16
+    assert (release_steps(7474), release_steps(40315)) == (59, 315)
 
 
 class _BuildOnly(RenioCLI):
