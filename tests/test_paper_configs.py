@@ -351,8 +351,11 @@ def check_rehearsal(name: str, result: dict) -> None:
     for step, lr in logged.items():
         assert lr == pytest.approx(release_learning_rate(name, step), rel=1e-6, abs=1e-15), (step, lr)
     for tensor, changed in result["changed"].items():
-        if lora:  # B is 0 at first, so A moves from the second step on: every entry of every adapter tensor by then
-            assert changed > 0.5, (tensor, changed)
+        if lora:  # B is 0 at first, so A moves from the second step on: most entries of every adapter tensor by then.
+            # A's share is lower under a long warm-up: TRD OPSD's 31 steps give lr 0, 1.6e-7, 3.2e-7, so B is about
+            # 1e-7 after step 1 and many of A's step-2 updates fall under fp32's spacing (measured: 34% of one
+            # lora_A moved; 51% with 23 warm-up steps). bf16-held adapters move 0.3-1.6%.
+            assert changed > (0.25 if "lora_A" in tensor else 0.5), (tensor, changed)
             continue
         # A fully trained student: some entry of each tensor moved (rows of unused tokens stay), unless
         # even fp32 cannot hold the move: AdamW moves an entry by about lr a step, and the warm-up's
