@@ -447,8 +447,13 @@ class StepGradients(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 0:
-            grads = {n: p.grad.detach().clone() for n, p in pl_module.student.named_parameters() if p.grad is not None}
+            grads = {n: _full(p.grad).detach().clone() for n, p in pl_module.student.named_parameters() if p.grad is not None}
             torch.save({"batches": self.batches, "grads": grads}, self.folder / f"step.rank{trainer.global_rank}.pt")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: FSDP2's sharded gradients gathered (a collective, on every rank)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _token_module(dirs: dict[str, Path]) -> DistillationModule:
@@ -529,15 +534,20 @@ def stopping_student(tmp_path_factory, model_dirs) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_token_reduction_on_two_ddp_processes_equals_one_process_on_their_union(stopping_student, prompt_file, tmp_path):
-    """A real 2-process DDP fit (gloo), accumulate_grad_batches 2: its first step's gradient, on both ranks,
-    is one process's `(1 / 2) sum_a (S_0a + S_1a) / (N_0a + N_1a)` over both ranks' micro-batches."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_token_reduction_on_two_processes_equals_one_process_on_their_union(stopping_student, prompt_file, tmp_path,
+                                                                            strategy):
+    """A real 2-process fit (gloo; DDP, or FSDP2 through the shipped overlay), accumulate_grad_batches 2: its first
+    step's gradient, on both ranks, is one process's `(1 / 2) sum_a (S_0a + S_1a) / (N_0a + N_1a)` over both
+    ranks' micro-batches."""
     from tests.conftest import small_fit
 
     recorder = {"class_path": "tests.test_trd.StepGradients", "init_args": {"folder": str(tmp_path)}}
+    overlay = ["--config", str(ROOT / "configs" / "strategies" / f"{strategy}.yaml")]
+    if strategy == "fsdp":
+        overlay += ["--trainer.strategy.init_args.data_parallel_size", "2"]
     done = small_fit(
-        stopping_student, prompt_file, tmp_path, [recorder],
-        "--config", str(ROOT / "configs" / "strategies" / "ddp.yaml"),
+        stopping_student, prompt_file, tmp_path, [recorder], *overlay,
         trainer={"devices": 2, "accumulate_grad_batches": 2, "max_steps": 1},
         model={"weighter": {"class_path": "renio_pl.weighters.UniformWeighter"},
                "loss": {"class_path": "renio_pl.losses.ForwardKL", "init_args": {"reduction": "token"}},
