@@ -311,6 +311,7 @@ def test_paper_trd_configs_carry_the_authors_settings(name, capsys):
     assert model["student"] == "Qwen/Qwen3-1.7B" and model["student_lora"] == {
         "r": 64, "alpha": 128, "dropout": 0.0, "target_modules": "all-linear"}
     assert (model["dtype"], trainer["precision"]) == ("bfloat16", "bf16-mixed")  # bf16 compute, fp32 trainables
+    assert model["gradient_checkpointing"] is True
     # AdamW lr 5e-6 (not config.py's 2e-5), betas (0.9, 0.95), weight decay 0.005 (not 0.01), clip 1.0
     optimizer = model["optimizer"]["init_args"]
     assert model["optimizer"]["class_path"] == "torch.optim.AdamW"
