@@ -55,7 +55,9 @@ class Loss(torch.nn.Module, ABC):
             `sample` (default): `mean_i w_i L_i`, `L_i` the mean over sample `i`'s tokens, so
             every rollout counts alike whatever its length (the ReNIO release,
             `opsd_trainer.py` `compute_loss`); `token`: `sum_i w_i sum_t l_it / sum_i |M_i|`,
-            every token alike (the TRD release, `recipe/opd/kl_trainer.py` `_compute_kl_loss`).
+            every token alike, the count taken over every process's micro-batch of the same
+            step (the TRD release, `recipe/opd/kl_trainer.py` `_compute_kl_loss`; see
+            `weighted_loss`).
     """
 
     teacher_needs: ClassVar[str] = "vocabulary"  # one of TEACHER_NEEDS
@@ -301,20 +303,42 @@ def rollout_losses(token_loss: Tensor, mask: Tensor) -> Tensor:
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-def weighted_loss(token_loss: Tensor, mask: Tensor, weights: Tensor, reduction: str = "sample") -> Tensor:
+def weighted_loss(
+    token_loss: Tensor, mask: Tensor, weights: Tensor, reduction: str = "sample",
+    global_tokens: Tensor | float | None = None, processes: int = 1,
+) -> Tensor:
     """The batch loss from per-token values and per-sample weights.
 
     `sample`: `mean_i w_i L_i`, `L_i` the mean of sample `i`'s token losses over its mask
     (`rollout_losses`).
-    `token`: `sum_i w_i sum_{t in M_i} l_it / sum_i |M_i|` (uniform weights: the batch's summed
-    token loss over its generated tokens). Lengths 1 and 4 with token losses [1] and
-    [0, 0, 0, 0]: `sample` 0.5, `token` 0.2.
+    `token`: `P sum_i w_i sum_{t in M_i} l_it / N`, `N` = `global_tokens`, the generated tokens of
+    this micro-batch and of the micro-batches the other `P - 1` processes train at the same step
+    (default: this batch's own `sum_i |M_i|`, with `P` 1). Uniform weights on one process: the
+    batch's summed token loss over its generated tokens. Lengths 1 and 4 with token losses [1] and
+    [0, 0, 0, 0] in one batch: `sample` 0.5, `token` 0.2.
+
+    Why `P`: DDP and FSDP average the gradients of the `P` processes, so with process `r`'s loss
+    `P S_r / N` (`S_r` its weighted token sum) the gradient is that of `sum_r S_r / N`: the token
+    mean over the union of the processes' micro-batches, as one process holding them all gets it.
+    Gradient accumulation: Lightning divides each micro-batch's loss by
+    `trainer.accumulate_grad_batches` `G`, so an optimizer step's gradient is that of
+    `(1 / G) sum_a sum_r S_ra / N_a`, the mean over its `G` micro-steps of each one's token mean
+    over all processes. That is the TRD release's loss exactly: each of its `forward_backward_batch`
+    calls (one data-loader batch per process) divides the summed token KL by that call's response
+    tokens summed over the data-parallel ranks, times the ranks (`recipe/opd/kl_trainer.py`,
+    `_compute_kl_loss`: `kl_num / batch_num_tokens * dp_size`, with verl's FSDP engine's
+    `forward_backward_batch` all-reducing `loss_mask.sum()` into `batch_num_tokens`), then by its
+    `gradient_accumulation_steps`. On one process, lengths 1 and 4 with token losses [1] and
+    [0, 0, 0, 0] in two micro-batches of one step give (1 / 1 + 0 / 4) / 2 = 0.5; on two
+    processes, one rollout each at the same micro-step, (1 + 0) / 5 = 0.2.
 
     Args:
         token_loss: (B, T) float per-token loss (0 or anything off the mask).
         mask: (B, T) bool, True on generated tokens.
         weights: (B,) float32 detached weights.
         reduction: `sample` or `token`.
+        global_tokens: () `N` for `token` (the same on every process), None for this batch's own.
+        processes: `P`, the processes whose gradients are averaged (1 without data parallelism).
     Returns:
         () float32; a row without tokens contributes 0 (and nothing to the token count).
     """
@@ -323,7 +347,9 @@ def weighted_loss(token_loss: Tensor, mask: Tensor, weights: Tensor, reduction: 
         return (weights * rollout_losses(token_loss, mask)).mean()
     if reduction == "token":
         mask = mask.to(token_loss.dtype)
-        return (weights * (token_loss * mask).sum(dim=1)).sum() / mask.sum().clamp(min=1.0)
+        tokens = mask.sum() if global_tokens is None else torch.as_tensor(global_tokens, device=token_loss.device)
+        summed = (weights * (token_loss * mask).sum(dim=1)).sum()
+        return summed * processes / tokens.to(token_loss.dtype).clamp(min=1.0)
     raise ValueError(f"reduction must be sample or token; got {reduction!r}")
 
 

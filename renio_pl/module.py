@@ -208,7 +208,8 @@ class DistillationModule(pl.LightningModule):
         )
         weights = self.weighter(inputs)  # (B,)
         self.last_weights = weights.detach()  # (B,) read by monitoring.TrainingMonitor's completions table
-        loss = weighted_loss(scores.token_loss, batch.completion_mask, weights, self.loss.reduction)
+        global_tokens, processes = self._micro_step_tokens(batch) if self.loss.reduction == "token" else (None, 1)
+        loss = weighted_loss(scores.token_loss, batch.completion_mask, weights, self.loss.reduction, global_tokens, processes)
         if self.diagnostics is not None:
             per_rollout = rollout_losses(scores.token_loss.detach(), batch.completion_mask)  # (B,)
             self.diagnostics.update_shape(weights, per_rollout, batch.groups, batch.correct)
@@ -220,6 +221,12 @@ class DistillationModule(pl.LightningModule):
         skipped = kept == 0
         self._log_training(batch, inputs, weights, loss, skipped)
         return None if skipped else loss
+
+    def _micro_step_tokens(self, batch: RolloutBatch) -> tuple[Tensor, int]:
+        """The `token` reduction's count: generated tokens of this micro-batch summed over every process
+        (one all_reduce; each trains its `i`-th micro-batch of a step together), and the process count."""
+        local = batch.completion_mask.sum()  # () int64
+        return self.trainer.strategy.reduce(local, reduce_op="sum"), self.trainer.world_size
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Logs the gradient's global L2 norm (`train/grad_norm`, and its round mean in the diagnostics)."""

@@ -116,6 +116,36 @@ def test_token_reduction_by_hand():
     assert_close(values.grad, torch.tensor([[1 / 3, 0.0], [1.0, 1.0]]))
 
 
+
+def test_token_reduction_over_processes_and_accumulation_by_hand():
+    """The TRD release's count: one micro-step's tokens over every process, each micro-step its own.
+
+    Lengths 1 and 4, token losses [1] and [0, 0, 0, 0]. On two processes at the same micro-step
+    (N = 5) each loss is `P S_r / N` and DDP averages the gradients: (0.4 + 0) / 2 = 0.2, as one
+    process with both rollouts in one batch. On one process with `accumulate_grad_batches` 2, one
+    rollout per micro-batch, Lightning divides each loss by 2: (1 / 1 + 0 / 4) / 2 = 0.5.
+    """
+    values = [torch.tensor([[1.0]], requires_grad=True), torch.tensor([[0.0, 0.0, 0.0, 0.0]], requires_grad=True)]
+    masks = [torch.ones(1, 1, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool)]
+    one = torch.ones(1)
+    per_process = [weighted_loss(v, m, one, "token", global_tokens=torch.tensor(5), processes=2) for v, m in zip(values, masks)]
+    assert_close(torch.stack(per_process), torch.tensor([0.4, 0.0]))
+    (sum(per_process) / 2).backward()  # DDP's average over the 2 processes
+    assert_close(values[0].grad, torch.tensor([[0.2]]))
+    assert_close(values[1].grad, torch.full((1, 4), 0.2))  # every token 1 / 5, as in one batch of both:
+    both = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    weighted_loss(both, torch.cat([torch.tensor([[True, False, False, False]]), masks[1]]), torch.ones(2), "token").backward()
+    assert_close(both.grad, torch.tensor([[0.2, 0.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2]]))
+    for v in values:
+        v.grad = None
+    accumulated = [weighted_loss(v, m, one, "token") / 2 for v, m in zip(values, masks)]  # Lightning's / G
+    assert_close(sum(accumulated), torch.tensor(0.5))
+    sum(accumulated).backward()
+    assert_close(values[0].grad, torch.tensor([[0.5]]))  # 1 / (G N_1)
+    assert_close(values[1].grad, torch.full((1, 4), 0.125))  # 1 / (G N_2)
+    # the default count is the batch's own and P is 1: the one-process value, unchanged
+    assert weighted_loss(both, masks[1].repeat(2, 1), torch.ones(2), "token").item() == 1.0 / 8
+
 def test_every_loss_takes_a_reduction():
     for make in (ForwardKL, ReverseKL, GeneralizedJSD, SampledReverseKL):
         assert make().reduction == "sample" and make(reduction="token").reduction == "token"

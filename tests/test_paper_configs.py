@@ -168,7 +168,8 @@ def test_trd_paper_configs_keep_fp32_master_weights_the_token_reduction_and_the_
         assert printed["trainer"]["precision"] == "bf16-mixed" and printed["model"]["dtype"] == "bfloat16"
         assert printed["model"]["loss"]["init_args"]["reduction"] == "token"  # kl_trainer.py, _compute_kl_loss
         schedule = printed["model"]["lr_scheduler"]["init_args"]
-        total = printed["trainer"]["max_steps"]
+        total = schedule["total_steps"]  # the release's step count; the OPD data's last, partial one is not trained
+        assert total - 1 <= printed["trainer"]["max_steps"] <= total
         assert schedule == {"total_steps": total, "warmup_steps": int(0.1 * total), "shape": "cosine", "min_ratio": 0.1}
 
 
@@ -333,7 +334,7 @@ def release_learning_rate(name: str, step: int) -> float:
     if name.startswith(("opd", "opsd")):  # TrainingArguments: linear to 0 over max_steps 126, no warm-up
         return 5e-6 * transformers_linear(step, 126)
     if name.startswith("trd"):  # verl cosine, warm-up int(0.1 T), floor 0.1
-        total = 58 if "opd" in name else 234
+        total = 59 if "opd" in name else 315  # ceil(ceil(N / 8) / 16) for MATH train's 7,474 and DeepScaleR's 40,315
         return 5e-6 * verl_cosine(step, total, int(0.1 * total), 0.1)
     total, lr = (3035, 5e-5) if "sft" in name else (1662, 1e-6)  # HF linear, warm-up ceil(0.1 T)
     return lr * transformers_linear(step, total, math.ceil(0.1 * total))
@@ -350,8 +351,11 @@ def check_rehearsal(name: str, result: dict) -> None:
     for step, lr in logged.items():
         assert lr == pytest.approx(release_learning_rate(name, step), rel=1e-6, abs=1e-15), (step, lr)
     for tensor, changed in result["changed"].items():
-        if lora:  # B is 0 at first, so A moves from the second step on: every entry of every adapter tensor by then
-            assert changed > 0.5, (tensor, changed)
+        if lora:  # B is 0 at first, so A moves from the second step on: most entries of every adapter tensor by then.
+            # A's share is lower under a long warm-up: TRD OPSD's 31 steps give lr 0, 1.6e-7, 3.2e-7, so B is about
+            # 1e-7 after step 1 and many of A's step-2 updates fall under fp32's spacing (measured: 34% of one
+            # lora_A moved; 51% with 23 warm-up steps). bf16-held adapters move 0.3-1.6%.
+            assert changed > (0.25 if "lora_A" in tensor else 0.5), (tensor, changed)
             continue
         # A fully trained student: some entry of each tensor moved (rows of unused tokens stay), unless
         # even fp32 cannot hold the move: AdamW moves an entry by about lr a step, and the warm-up's

@@ -287,30 +287,67 @@ TRD_PAPER = ["trd_qwen3_1.7b_opd.yaml", "trd_qwen3_1.7b_opsd.yaml"]
 AUTHORS_SAMPLING = {"n": 1, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 16384}
 
 
+def release_steps(problems: int, gpus: int = 8, accumulation: int = 16) -> int:
+    """The TRD release's optimizer steps for one epoch: ceil(len(loader) / accumulation) (kl_trainer.py,
+    KLTrainer.__init__), a DistributedSampler without drop_last giving each GPU ceil(N / gpus) batches of 1."""
+    return math.ceil(math.ceil(problems / gpus) / accumulation)
+
+
+# config -> (training problems, data path, answer field, full rounds trained): OPD on MATH train offline
+# (7,474: 58 full rounds of the release's 59 steps), OPSD on DeepScaleR as the release (40,315: 315).
+TRD_DATA = {
+    "trd_qwen3_1.7b_opd.yaml": (7474, "evaluation/data/train/math_train_deepscaler.jsonl", "answer", 58),
+    "trd_qwen3_1.7b_opsd.yaml": (40315, "agentica-org/DeepScaleR-Preview-Dataset", "answer", 315),
+}
+
+
 @pytest.mark.parametrize("name", TRD_PAPER)
 def test_paper_trd_configs_carry_the_authors_settings(name, capsys):
+    """Every value of the release's run (recipe/opd/run/{opd,opsd}/math/qwen3-1.7B/forward_kl_y_r.sh over
+    run_config.py, launch_training.py, config.py, kl_trainer.py, prepare_training_data.py)."""
     printed = printed_config("fit", ROOT / "configs" / "paper" / name, capsys)
     model, data, trainer = printed["model"], printed["data"], printed["trainer"]
+    # LoRA r 64 / alpha 128 on the 7 projections; no dropout (verl's engine never passes config.py's 0.05)
     assert model["student"] == "Qwen/Qwen3-1.7B" and model["student_lora"] == {
-        "r": 64, "alpha": 128, "dropout": 0.05, "target_modules": "all-linear"}
+        "r": 64, "alpha": 128, "dropout": 0.0, "target_modules": "all-linear"}
+    assert (model["dtype"], trainer["precision"]) == ("bfloat16", "bf16-mixed")  # bf16 compute, fp32 trainables
+    assert model["gradient_checkpointing"] is True
+    # AdamW lr 5e-6 (not config.py's 2e-5), betas (0.9, 0.95), weight decay 0.005 (not 0.01), clip 1.0
     optimizer = model["optimizer"]["init_args"]
     assert model["optimizer"]["class_path"] == "torch.optim.AdamW"
     assert (optimizer["lr"], optimizer["betas"], optimizer["weight_decay"]) == (5e-6, [0.9, 0.95], 0.005)
     assert trainer["gradient_clip_val"] == 1.0
+    # forward KL at temperature 1, no clip (KL_TOKEN_CLIP 0, not config.py's 0.1), token reduction
     assert model["loss"] == {"class_path": "renio_pl.losses.ForwardKL", "init_args": {"clamp": None, "reduction": "token"}}
     assert model["weighter"]["class_path"] == "renio_pl.weighters.UniformWeighter"
+    # batch: 8 GPUs x 1 x 16 accumulation steps = one round of 128 per optimizer step
+    assert (trainer["devices"], data["batch_size"], trainer["accumulate_grad_batches"]) == (8, 1, 16)
+    assert data["prompts_per_epoch"] == 128
+    # sampling of y_o and y_r, one each per problem
     refiner = data["refiner"]["init_args"]
     assert data["sampling"] == AUTHORS_SAMPLING == refiner["sampling"]
     assert refiner["schedule"] == "once" and refiner["score_temperature"] == 1.0
+    # schedule: verl's cosine over the release's step count, warm-up int(0.1 T), floor 0.1 x lr
+    problems, path, answer, rounds = TRD_DATA[name]
+    total = release_steps(problems)
+    assert model["lr_scheduler"] == {"class_path": "renio_pl.schedules.WarmupDecay", "init_args": {
+        "total_steps": total, "warmup_steps": int(0.1 * total), "shape": "cosine", "min_ratio": 0.1}}
+    assert trainer["max_steps"] == rounds <= total  # full rounds of 128 only: the OPD data leaves a 59th of 7 x 8
+    # data and prompts: student prompts over 2,048 tokens dropped (OPSD: the solution prompt bounded too)
+    assert data["train_path"].endswith(path) and (data["prompt_field"], data["answer_field"]) == ("problem", answer)
     opsd = "opsd" in name
+    assert (data["max_prompt_tokens"], data["long_prompts"]) == (4096 if opsd else 2048, "drop")
     assert model["teacher"] == (None if opsd else "Qwen/Qwen3-8B")
-    assert (data["solution_field"] is not None) == opsd
+    assert data["solution_field"] == ("solution" if opsd else None)
     thinking = data["prompt_format"]["chat_template_kwargs"]
+    assert thinking == {"enable_thinking": True}  # the release's chat requests: Qwen3's default
     assert refiner["prompt_format"]["chat_template_kwargs"] == thinking  # y_r fits after the student's prompt
     assert refiner["prompt_format"]["template"] == (TRD_OPSD_TEMPLATE if opsd else TRD_OPD_TEMPLATE)
-    scheduler = model["lr_scheduler"]
-    assert scheduler["class_path"] == "renio_pl.schedules.WarmupDecay"
-    assert scheduler["init_args"]["total_steps"] == trainer["max_steps"]
+
+
+def test_release_step_counts_by_hand():
+    # 7,474 problems: 935 batches a GPU, 58 full steps of 16 and a 59th of 7; 40,315: 5,040 = 315 x 16
+    assert (release_steps(7474), release_steps(40315)) == (59, 315)
 
 
 class _BuildOnly(RenioCLI):
@@ -396,3 +433,139 @@ def test_trd_with_the_vllm_engine(trd_dirs, tmp_path, opd):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "vllm trd ok 4" in done.stdout  # two rounds: the student's rollouts, then the rewrites
+
+
+# --- the token reduction's count, as the release takes it: each micro-step over every process -----
+class StepGradients(pl.Callback):
+    """Per rank: the batches of the first optimizer step and its gradient before the update (`folder/step.rank<r>.pt`)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.batches = Path(folder), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            self.batches.append(batch)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            grads = {n: _full(p.grad).detach().clone() for n, p in pl_module.student.named_parameters() if p.grad is not None}
+            torch.save({"batches": self.batches, "grads": grads}, self.folder / f"step.rank{trainer.global_rank}.pt")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: FSDP2's sharded gradients gathered (a collective, on every rank)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _token_module(dirs: dict[str, Path]) -> DistillationModule:
+    from renio_pl.losses import ForwardKL
+    from renio_pl.weighters import UniformWeighter
+
+    return DistillationModule(str(dirs["student"]), str(dirs["teacher"]), weighter=UniformWeighter(),
+                              loss=ForwardKL(reduction="token"), diagnostics=None, evaluate_before_fit=False)
+
+
+def _summed_token_losses(module: DistillationModule, batch) -> tuple[torch.Tensor, int]:
+    """Each micro-batch's summed token KL (with grad) and its generated tokens, scored by `module`."""
+    mask = batch.completion_mask
+    return (module.score(batch).token_loss * mask).sum(), int(mask.sum())
+
+
+def _reference_gradient(dirs, micro_steps: list[list], pooled_over_step: bool = False) -> dict[str, torch.Tensor]:
+    """One process's gradient by hand: `(1 / G) sum_a S_a / N_a` over the `G` micro-steps, each micro-step's
+    batches (one per rank) pooled; `pooled_over_step`: `sum_a S_a / sum_a N_a` instead (not the release's)."""
+    module = _token_module(dirs)
+    sums = [[_summed_token_losses(module, batch) for batch in step] for step in micro_steps]
+    S = [sum(s for s, _ in step) for step in sums]  # noqa: N806
+    N = [sum(n for _, n in step) for step in sums]  # noqa: N806
+    loss = sum(S) / sum(N) if pooled_over_step else sum(s / n for s, n in zip(S, N)) / len(micro_steps)
+    loss.backward()
+    return {n: p.grad for n, p in module.student.named_parameters() if p.grad is not None}
+
+
+def _assert_gradients(got: dict, expected: dict, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
+
+
+def _differ(a: dict, b: dict) -> bool:
+    return any(not torch.allclose(a[n], b[n], rtol=1e-3, atol=1e-6) for n in a)
+
+
+@pytest.mark.parametrize("layout", ["two-micro-batches", "one-batch"])
+def test_token_reduction_one_process_with_gradient_accumulation_matches_the_release_by_hand(model_dirs, tmp_path, layout):
+    """Rollouts of 1 and 4 generated tokens. Two micro-batches of one step (accumulate_grad_batches 2):
+    the release's `(S_1 / 1 + S_2 / 4) / 2`, each micro-step its own count. One batch of both:
+    `(S_1 + S_2) / 5`."""
+    from renio_pl.rollouts import collate_rollouts
+    from tests.conftest import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    prompt = tokenizer("What is 2+3?")["input_ids"]
+    rollouts = [Rollout(prompt, [5], 0, 1.0), Rollout(prompt[:-2], [7, 8, 9, 10], 1, 1.0)]
+    groups = [[rollouts[0]], [rollouts[1]]] if layout == "two-micro-batches" else [rollouts]
+    batches = [collate_rollouts(group, tokenizer.pad_token_id) for group in groups]
+    assert [int(b.completion_mask.sum()) for b in batches] == ([1, 4] if len(batches) == 2 else [5])
+    module = _token_module(model_dirs)
+    recorder = StepGradients(str(tmp_path))
+    trainer = pl.Trainer(max_steps=1, accumulate_grad_batches=len(batches), accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[recorder])
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+    trainer.fit(module, train_dataloaders=loader)
+    got = torch.load(tmp_path / "step.rank0.pt", weights_only=False)["grads"]
+    steps = [[b] for b in batches]  # one process: each micro-step is one batch
+    expected = _reference_gradient(model_dirs, steps)
+    _assert_gradients(got, expected)
+    if len(batches) == 2:  # the count of the whole step instead, (S_1 + S_2) / 5, is another gradient
+        assert _differ(expected, _reference_gradient(model_dirs, steps, pooled_over_step=True))
+
+
+@pytest.fixture(scope="module")
+def stopping_student(tmp_path_factory, model_dirs) -> dict[str, Path]:
+    """The tiny student with a third of the vocabulary as EOS, so its rollouts stop at varied lengths."""
+    from tests.conftest import save_model
+
+    folder = save_model(tmp_path_factory.mktemp("stopping") / "student", 0)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = list(range(1, 26))
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return {"student": folder, "teacher": model_dirs["teacher"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_token_reduction_on_two_processes_equals_one_process_on_their_union(stopping_student, prompt_file, tmp_path,
+                                                                            strategy):
+    """A real 2-process fit (gloo; DDP, or FSDP2 through the shipped overlay), accumulate_grad_batches 2: its first
+    step's gradient, on both ranks, is one process's `(1 / 2) sum_a (S_0a + S_1a) / (N_0a + N_1a)` over both
+    ranks' micro-batches."""
+    from tests.conftest import small_fit
+
+    recorder = {"class_path": "tests.test_trd.StepGradients", "init_args": {"folder": str(tmp_path)}}
+    overlay = ["--config", str(ROOT / "configs" / "strategies" / f"{strategy}.yaml")]
+    if strategy == "fsdp":
+        overlay += ["--trainer.strategy.init_args.data_parallel_size", "2"]
+    done = small_fit(
+        stopping_student, prompt_file, tmp_path, [recorder], *overlay,
+        trainer={"devices": 2, "accumulate_grad_batches": 2, "max_steps": 1},
+        model={"weighter": {"class_path": "renio_pl.weighters.UniformWeighter"},
+               "loss": {"class_path": "renio_pl.losses.ForwardKL", "init_args": {"reduction": "token"}},
+               "diagnostics": None, "lr_scheduler": None},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"step.rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert [len(r["batches"]) for r in ranks] == [2, 2]  # 8 rollouts, 4 a rank in batches of 2: one step
+    micro_steps = [[ranks[0]["batches"][a], ranks[1]["batches"][a]] for a in range(2)]
+    counts = [[int(b.completion_mask.sum()) for b in step] for step in micro_steps]
+    assert any(step[0] != step[1] for step in counts), f"equal counts {counts} would not tell the reductions apart"
+    expected = _reference_gradient(stopping_student, micro_steps)
+    for rank in (0, 1):
+        _assert_gradients(ranks[rank]["grads"], expected)
+    # each rank's own token mean, averaged over the ranks (what the count of one rank's tokens gives): another gradient
+    module = _token_module(stopping_student)
+    per_rank = [[_summed_token_losses(module, batch) for batch in step] for step in micro_steps]
+    (sum(s / n for step in per_rank for s, n in step) / 4).backward()
+    assert _differ(expected, {n: p.grad for n, p in module.student.named_parameters() if p.grad is not None})
