@@ -511,6 +511,6 @@ def test_demo_redi_learns(tmp_path):
         return [float(r["val/accuracy"]) for r in rows if r["val/accuracy"]]
 
     sft, redi = accuracy("demo_redi_sft"), accuracy("demo_redi")
-    assert sft[-1] > sft[0] + 0.3, sft  # measured: 0.576 before, 0.978 after SFT
+    assert sft[-1] > sft[0] + 0.3, sft  # measured: 0.576 before, 0.962 after SFT
     assert redi[0] == pytest.approx(sft[-1], abs=1e-6)  # stage 2 starts from the saved SFT student
-    assert redi[-1] > redi[0] - 0.02, redi  # measured: 0.980; REDI's own gain here is within noise
+    assert redi[-1] > redi[0] - 0.02, redi  # measured: 0.966; REDI's own gain here is within noise

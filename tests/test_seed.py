@@ -6,7 +6,8 @@ import pytest
 from lightning.pytorch import seed_everything
 
 from renio_pl.datamodule import OnPolicyDataModule, data_seed
-from tests.test_resume import fit, records
+from tests.conftest import small_fit
+from tests.test_resume import RecordBatches, records
 
 
 def test_data_seed_follows_the_global_seed_unless_given(monkeypatch, model_dirs):
@@ -20,10 +21,13 @@ def test_data_seed_follows_the_global_seed_unless_given(monkeypatch, model_dirs)
 
 @pytest.mark.slow
 def test_seed_everything_alone_changes_the_rollouts(model_dirs, prompt_file, tmp_path):
-    """Three real fits: seed 3 twice (identical tokens and losses), seed 4 (other tokens); data.seed never set."""
+    """Three real fits: seed 3 twice (identical tokens and losses), seed 4 (other tokens); data.seed left unset."""
     trained = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        done = fit(model_dirs, prompt_file, tmp_path / name, "--seed_everything", str(seed))
+        record = {"class_path": f"{RecordBatches.__module__}.RecordBatches",
+                  "init_args": {"path": str(tmp_path / name / "batches.jsonl")}}
+        done = small_fit(model_dirs, prompt_file, tmp_path / name, [record], "--seed_everything", str(seed),
+                         data={"seed": None})  # small_fit pins data.seed 0; unset, it follows seed_everything
         assert done.returncode == 0, done.stderr[-3000:]
         trained[name] = {step: (r["tokens"], r["loss"]) for step, r in records(tmp_path / name).items()}
     assert len(trained["a"]) == 12 and trained["a"] == trained["b"]
