@@ -29,6 +29,7 @@ import pytest
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators import code
 from renio_pl.evaluators.code import evaluate_solutions, load_problems
+from renio_pl.evaluators.verifier import Verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -371,6 +372,12 @@ def test_code_verifier_grades_model_completions_in_the_sandbox(cache):
         code.CodeVerifier("humaneval").grade(["x"], ["2"])
     with pytest.raises(ConfigError, match="dataset must be one of humaneval, mbpp; got 'apps'"):
         code.CodeVerifier("apps")
+
+
+def test_code_verifier_leaves_completions_without_a_task_id_ungraded():
+    # nothing runs for them: `renio-pl predict` on prompts without an answer column
+    verdicts = code.CodeVerifier("humaneval").grade(["def add(x, y):\n    return x + y", "x"], [None, None])
+    assert verdicts == [Verdict(None), Verdict(None)]
 
 
 def test_benchmark_rows_load_from_the_gzipped_release_files():

@@ -498,17 +498,21 @@ class CodeVerifier(BatchVerifier):
         _data_path(dataset)  # fails now, in one line, on an unknown dataset or a bad file
         self.dataset, self.workers = dataset, workers
 
-    def grade(self, completions: list[str], references: list[str]) -> list[Verdict]:
+    def grade(self, completions: list[str], references: list[str | None]) -> list[Verdict]:
+        """Runs the program of each completion with a task id; one without gets `Verdict(None)`."""
         problems = load_problems(self.dataset)
-        unknown = next((task_id for task_id in references if task_id not in problems), None)
+        unknown = next((task_id for task_id in references if task_id is not None and task_id not in problems), None)
         if unknown is not None:
             raise ConfigError(
                 f"CodeVerifier({self.dataset!r}): the reference {unknown!r} is not a {self.dataset} task id; "
                 "set the test set's answer_field to task_id"
             )
-        solutions = [
-            {"task_id": task_id, "solution": extract_program(text, problems[task_id].prompt, problems[task_id].entry_point)}
-            for text, task_id in zip(completions, references)
-        ]
+        graded = [i for i, task_id in enumerate(references) if task_id is not None]
+        tasks = [problems[references[i]] for i in graded]
+        solutions = [{"task_id": task.task_id, "solution": extract_program(completions[i], task.prompt, task.entry_point)}
+                     for i, task in zip(graded, tasks)]
         results = evaluate_solutions(solutions, self.dataset, workers=self.workers)
-        return [Verdict(result["plus_passed"], detail=result["status"]) for result in results]
+        verdicts = [Verdict(None)] * len(completions)
+        for i, result in zip(graded, results, strict=True):
+            verdicts[i] = Verdict(result["plus_passed"], detail=result["status"])
+        return verdicts
