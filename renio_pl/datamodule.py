@@ -39,7 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from renio_pl.errors import ConfigError
-from renio_pl.evaluators.math import extract_answer, is_correct
+from renio_pl.evaluators.math import MathVerifier, extract_answer, is_correct
 from renio_pl.evaluators.verifier import BatchVerifier
 from renio_pl.models import load_tokenizer
 from renio_pl.monitoring import RoundStats
@@ -70,8 +70,9 @@ class EvalSet:
         limit: only the first `limit` problems (0: all), for quick runs; the report's problem
             count shows it, and such a run is not the benchmark's number.
         prompt_format: this benchmark's prompt; None uses `data.prompt_format`.
-        verifier: grades this benchmark's completions a batch at a time (code:
-            `renio_pl.evaluators.code.CodeVerifier`); None grades each with `data.verifier`.
+        verifier: grades this benchmark's completions (code:
+            `renio_pl.evaluators.code.CodeVerifier`); None grades them with the data's
+            verifier (`data.verifier` and `data.answer_extractor`).
     """
 
     name: str
@@ -130,7 +131,8 @@ class OnPolicyDataModule(pl.LightningDataModule):
         val_batch_size: rollouts per validation, test or predict batch.
         max_prompt_tokens: longest rendered prompt; longer ones are handled per `long_prompts`.
         long_prompts: `error` stops with a message; `drop` skips them (and logs how many).
-        verifier: `(completion, answer) -> bool`, an import path in YAML.
+        verifier: `(completion, answer) -> bool`, an import path in YAML; with `answer_extractor`
+            it makes the `MathVerifier` that grades every rollout whose test set has no verifier.
         answer_extractor: `completion -> final answer or None`, for majority voting.
         group_field: column of the training and held-out data holding each problem's group
             (e.g. `carry`); the diagnostics then log accuracy per group. None: no groups.
@@ -200,7 +202,8 @@ class OnPolicyDataModule(pl.LightningDataModule):
             raise ConfigError("data.test_sets: limit must be >= 0 (0: every problem)")
         self.prompts_per_epoch, self.batch_size, self.val_batch_size = prompts_per_epoch, batch_size, val_batch_size
         self.max_prompt_tokens, self.long_prompts = max_prompt_tokens, long_prompts
-        self.verifier, self.answer_extractor, self.seed = verifier, answer_extractor, data_seed(seed)
+        self.seed = data_seed(seed)
+        self.default_verifier: BatchVerifier = MathVerifier(verifier, answer_extractor)  # sets without their own
         self.group_field = group_field
         self.tokenizer = load_tokenizer(tokenizer)
         self.train_rows: list[PromptRow] = []
@@ -363,8 +366,8 @@ class OnPolicyDataModule(pl.LightningDataModule):
     ) -> list[Rollout]:
         """Sample `sampling.n` completions per prompt with the current student, decode and grade.
 
-        Completions are graded with `verifier` all at once when given, else one by one with
-        `data.verifier` (and their final answers taken by `data.answer_extractor`).
+        Completions are graded with `verifier` when given, else with the data's verifier
+        (`data.verifier`, final answers taken by `data.answer_extractor`).
         """
         policy = self.trainer.lightning_module.student
         completions_P_G = self.engine.generate(policy, self.tokenizer, prompt_ids, sampling, seeds)
@@ -379,18 +382,11 @@ class OnPolicyDataModule(pl.LightningDataModule):
         return rollouts
 
     def _grade(self, rollouts: list[Rollout], verifier: BatchVerifier | None) -> None:
-        """Fills in the verdicts (`correct`, `final_answer`, `verdict`) of the rollouts that have an answer.
+        """Fills in the verdicts (`correct`, `final_answer`, `verdict`) with `verifier`, else the data's.
 
-        With the per-completion verifier every rollout also gets its extracted final answer.
+        A rollout without an answer gets `correct` None (and the verifier's final answer, if any).
         """
-        if verifier is None:
-            for rollout in rollouts:
-                rollout.final_answer = self.answer_extractor(rollout.text)
-                if rollout.answer is not None:
-                    rollout.correct = bool(self.verifier(rollout.text, rollout.answer))
-            return
-        rollouts = [r for r in rollouts if r.answer is not None]
-        verdicts = verifier.grade([r.text for r in rollouts], [r.answer for r in rollouts])
+        verdicts = (verifier or self.default_verifier).grade([r.text for r in rollouts], [r.answer for r in rollouts])
         for rollout, verdict in zip(rollouts, verdicts, strict=True):
             rollout.correct, rollout.final_answer, rollout.verdict = verdict.correct, verdict.final_answer, verdict.detail
 

@@ -30,7 +30,7 @@ micro-batches or optimizer steps):
 A value is left out of a round that has no rollout to define it (AUROC: both labels needed).
 Held-out accuracy per group is logged by the module as `val/group_accuracy/<group>` (`GroupAccuracy`).
 
-Glossary: `B` rollouts, `T` completion tokens, `M` markers.
+Shapes use the package glossary (`renio_pl/__init__.py`): `B` rollouts, `T` completion tokens, `M` markers.
 """
 
 from __future__ import annotations

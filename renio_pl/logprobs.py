@@ -8,8 +8,9 @@ Memory: the decoders return hidden states `(B, L, H)`; logits are made from them
 `chunk_tokens` generated positions at a time, inside activation checkpointing, so neither the
 forward nor the backward ever holds `(B, T, V)` float logits for the whole batch.
 
-Glossary: `B` rollouts, `P` padded prompt length, `T` completion tokens, `L = P + T`,
-`H` hidden size, `V` vocabulary, `N` generated tokens of the batch.
+Shapes use the package glossary (`renio_pl/__init__.py`): `B` rollouts, `T` completion tokens, `T_prompt` the padded
+prompt width, `L = T_prompt + T`, `N` the batch's completion tokens packed, `C` a chunk of them,
+`H` hidden size, `V` vocabulary, `k` top-k width.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def completion_hidden_states(
         model: a causal LM (`transformers` or a peft wrapper) with `get_decoder()`.
         input_ids: (B, L) int64, prompt left-padded to `prompt_length`, completion right-padded.
         attention_mask: (B, L) 0/1, 0 on padding.
-        prompt_length: `P`, the padded prompt width; completion token `t` sits at `P + t`.
+        prompt_length: `T_prompt`, the padded prompt width; completion token `t` sits at `T_prompt + t`.
     Returns:
-        (B, T, H): the final hidden state at position `P - 1 + t`, which predicts token `t`.
+        (B, T, H): the final hidden state at position `T_prompt - 1 + t`, which predicts token `t`.
     """
     hidden = model.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)

@@ -8,7 +8,8 @@ the mean over sample `i`'s generated tokens (reduction `sample`, the ReNIO relea
 weighted sum of every token value over the batch's generated tokens (reduction `token`, the
 TRD release's). Each `Loss` names its reduction.
 
-Glossary: `N` tokens in a chunk, `V` vocabulary, `B` rollouts, `T` completion tokens.
+Shapes use the package glossary (`renio_pl/__init__.py`): `N` packed completion tokens (a loss sees any chunk of them), `V` vocabulary,
+`k` top-k width, `B` rollouts, `T` completion tokens.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def completion_table(batch, tokenizer, weights: Tensor | None, eos_ids: list[int
     """The first `rows` rollouts of a `RolloutBatch` as records: prompt, completion, weight, verdict, length.
 
     Args:
-        batch: a `RolloutBatch` (`input_ids` (B, P + T), `completion_mask` (B, T), `texts`, `correct` (B,)).
+        batch: a `RolloutBatch` (`input_ids` (B, T_prompt + T), `completion_mask` (B, T), `texts`, `correct` (B,)).
         weights: (B,) the rollouts' weights, or None when the module exposes none.
     """
     lengths = batch.completion_mask.sum(dim=1).tolist()

@@ -9,7 +9,7 @@ exactly what the rewriter generated them after. The rewriter is the teacher the 
 with (`DistillationModule._teaching`): the OPD teacher, or for OPSD the student's base weights.
 Method: TRD (Jiang, Xu, Ding, Zhang, arXiv 2606.08432); method.md, "TRD".
 
-Glossary: `B` rollouts, `T` completion tokens.
+Shapes use the package glossary (`renio_pl/__init__.py`): `B` rollouts, `T` completion tokens.
 """
 
 from __future__ import annotations

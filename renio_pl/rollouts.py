@@ -3,12 +3,12 @@
 Stage 2 of the data flow (prompts -> **rollouts** -> log-probs -> weights -> loss).
 `RolloutGenerator` is the engine interface; `HFGenerator` runs `transformers` `generate`
 (batched, left-padded, seeded). `collate_rollouts` lays a list of `Rollout`s out as a
-`RolloutBatch`: each row is the prompt left-padded to the batch's widest prompt `P`,
-followed by the completion right-padded to `T`, so completion token `t` sits at `P + t`
-in every row.
+`RolloutBatch`: each row is the prompt left-padded to the batch's widest prompt `T_prompt`,
+followed by the completion right-padded to `T`, so completion token `t` sits at
+`T_prompt + t` in every row.
 
-Glossary: `P` prompts (or padded prompt width, by context), `G` samples per prompt,
-`B` rollouts, `T` completion tokens.
+Shapes use the package glossary (`renio_pl/__init__.py`): `P` prompts, `G` samples per prompt,
+`B` rollouts, `T` completion tokens, `T_prompt` the padded prompt width.
 """
 
 from __future__ import annotations
@@ -100,17 +100,17 @@ class RolloutBatch:
     """A training micro-batch of rollouts.
 
     Attributes:
-        input_ids: (B, P + T) int64, prompts left-padded, completions right-padded.
-        attention_mask: (B, P + T) int64, 0 on padding.
-        prompt_length: `P`, the padded prompt width.
+        input_ids: (B, T_prompt + T) int64, prompts left-padded, completions right-padded.
+        attention_mask: (B, T_prompt + T) int64, 0 on padding.
+        prompt_length: `T_prompt`, the padded prompt width.
         completion_ids: (B, T) int64 sampled tokens (pad id off the mask).
         completion_mask: (B, T) bool, True on generated tokens.
         temperature: the sampling temperature of these rollouts (> 0; greedy rollouts use 1).
         correct: (B,) float32 1.0 / 0.0 verifier labels, or None when the data has no answers.
-        teacher_input_ids: (B, P_T + T) int64, the teacher's prompts laid out the same way in
+        teacher_input_ids: (B, T_teacher_prompt + T) int64, the teacher's prompts laid out the same way in
             front of the same completions, or None when the teacher reads `input_ids`.
-        teacher_attention_mask: (B, P_T + T) int64, or None.
-        teacher_prompt_length: `P_T`, or None.
+        teacher_attention_mask: (B, T_teacher_prompt + T) int64, or None.
+        teacher_prompt_length: `T_teacher_prompt`, or None.
         texts: the B decoded completions (`Rollout.text`), read by the diagnostics (epistemic
             markers), or None.
         groups: the B problems' groups (`Rollout.group`, None for none), read by the diagnostics, or None.
@@ -137,7 +137,7 @@ class RolloutBatch:
 
 
 def _layout(prompts_B: list[list[int]], completions_B: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor, int]:
-    """(B, P + T) ids and attention mask, prompts left-padded to `P`, completions right-padded to `T`."""
+    """(B, T_prompt + T) ids and attention mask, prompts left-padded to `T_prompt`, completions right-padded to `T`."""
     prompt_width = max(len(p) for p in prompts_B)
     completion_width = max(1, max(len(c) for c in completions_B))
     rows, masks = [], []

@@ -24,7 +24,7 @@ checkpoint); a teacher whose tokenizer differs from the student's is refused at 
 `/detokenize`); a request longer than the server's `max_model_len` is refused or its rollout
 left out of the loss (`too_long`).
 
-Glossary: `B` rollouts, `T` completion tokens, `k` top-k width, `V` vocabulary.
+Shapes use the package glossary (`renio_pl/__init__.py`): `B` rollouts, `T` completion tokens, `k` top-k width, `V` vocabulary.
 """
 
 from __future__ import annotations
@@ -207,9 +207,9 @@ class ServerTeacher:
         """The teacher's log-probs of each completion token and its top-k, from the server.
 
         Args:
-            input_ids: (B, P + T) int64 teacher prompts left-padded to `P`, completions right-padded.
-            attention_mask: (B, P + T) 0/1.
-            prompt_length: `P`.
+            input_ids: (B, T_prompt + T) int64 teacher prompts left-padded to `T_prompt`, completions right-padded.
+            attention_mask: (B, T_prompt + T) 0/1.
+            prompt_length: `T_prompt`.
             completion_mask: (B, T) bool, True on generated tokens.
             temperature: the rollouts' sampling temperature (must equal `served_temperature`).
         Returns:

@@ -5,7 +5,7 @@ one batch of scored rollouts to a `[B]` tensor of weights that is detached, fini
 float32 on the inputs' device. Weights that are normalised average to 1 over the rows that
 have at least one generated token; a row with no generated token gets weight 0.
 
-Glossary: `B` rollouts in the batch, `T` completion tokens (padded).
+Shapes use the package glossary (`renio_pl/__init__.py`): `B` rollouts in the batch, `T` completion tokens (padded).
 """
 
 from __future__ import annotations

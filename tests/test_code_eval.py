@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 
 from renio_pl.errors import ConfigError
-from renio_pl.evaluators import code
+from renio_pl.evaluators import code, code_expected, code_problems
 from renio_pl.evaluators.code import evaluate_solutions, load_problems
+from renio_pl.evaluators.verifier import Verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +169,7 @@ EVALPLUS = {
     "mbpp737 always str": (False, False),
     "mbpp769 canonical": (True, True),
 }
-# Where we differ from EvalPlus by design (code.py docstring): a lying __eq__ does not pass here.
+# Where we differ from EvalPlus by design (code_oracles.py docstring): a lying __eq__ does not pass here.
 DIVERGES = {"he53 eq always true": (False, False)}
 
 
@@ -245,7 +246,7 @@ def test_agrees_with_evalplus_run_now(graded):
 def test_expected_outputs_are_cached_per_data_file_and_task(graded, cache):
     folders = list((cache / "code_expected" / "v1").iterdir())
     assert sorted(folder.name for folder in folders) == sorted(
-        code._sha256(code.DATA_DIR / name) for name in code.DATASETS.values()
+        code_expected._sha256(code.DATA_DIR / name) for name in code.DATASETS.values()
     )
     computed = sorted(path.stem for folder in folders for path in folder.glob("*.json"))
     assert computed == sorted({task.replace("/", "_") for _, task, _ in CASES})  # only the tasks asked for
@@ -307,7 +308,7 @@ def test_tampered_data_fails_its_sha256_check(tmp_path, monkeypatch):
     (tmp_path / "code" / source.name).write_bytes(bytes(data))
     sums = (code.DATA_DIR.parent / "SHA256SUMS").read_text()
     (tmp_path / "SHA256SUMS").write_text(sums)
-    monkeypatch.setattr(code, "DATA_DIR", tmp_path / "code")
+    monkeypatch.setattr(code_problems, "DATA_DIR", tmp_path / "code")
     code.load_problems.cache_clear()
     try:
         with pytest.raises(ConfigError, match="does not match its sha256 in .*SHA256SUMS"):
@@ -371,6 +372,12 @@ def test_code_verifier_grades_model_completions_in_the_sandbox(cache):
         code.CodeVerifier("humaneval").grade(["x"], ["2"])
     with pytest.raises(ConfigError, match="dataset must be one of humaneval, mbpp; got 'apps'"):
         code.CodeVerifier("apps")
+
+
+def test_code_verifier_leaves_completions_without_a_task_id_ungraded():
+    # nothing runs for them: `renio-pl predict` on prompts without an answer column
+    verdicts = code.CodeVerifier("humaneval").grade(["def add(x, y):\n    return x + y", "x"], [None, None])
+    assert verdicts == [Verdict(None), Verdict(None)]
 
 
 def test_benchmark_rows_load_from_the_gzipped_release_files():

@@ -10,6 +10,7 @@ import pytest
 
 from renio_pl.evaluators import math as grader
 from renio_pl.evaluators.math import extract_answer, is_correct
+from renio_pl.evaluators.verifier import Verdict
 
 # Real gold answers copied from /work/shared/benchmarks/math/hmmt_feb25_matharena.jsonl,
 # aime24_matharena.jsonl and math500_deepscaler.jsonl ("answer" field), each with an
@@ -203,3 +204,25 @@ def test_hung_worker_is_killed_and_restarted(monkeypatch: pytest.MonkeyPatch) ->
     assert hung is False
     assert elapsed < 2.0  # killed at 0.5 s, not left to the worker's 3 s alarm
     assert after_restart is True
+
+
+def test_math_verifier_grades_a_batch_as_is_correct_and_extract_answer_do() -> None:
+    completions = ["so \\boxed{1/2}", "so \\boxed{3}", "no answer here", "then \\boxed{7}"]
+    references = ["0.5", "0.5", "0.5", None]
+    verdicts = grader.MathVerifier().grade(completions, references)
+    # 1/2 == 0.5 by math-verify; 3 != 0.5; nothing extracted is wrong; no reference: no grade, the answer kept
+    assert verdicts == [Verdict(True, "1/2"), Verdict(False, "3"), Verdict(False, None), Verdict(None, "7")]
+    assert grader.MathVerifier().majority_vote
+
+
+def test_math_verifier_takes_its_check_and_extraction_as_callables() -> None:
+    def even_length(completion: str, answer: str) -> bool:
+        return len(completion) % 2 == 0
+
+    def first_character(completion: str) -> str | None:
+        return completion[:1] or None
+
+    verdicts = grader.MathVerifier(even_length, first_character).grade(["ab", "abc", ""], ["x", "x", None])
+    assert verdicts == [Verdict(True, "a"), Verdict(False, "a"), Verdict(None, None)]
+    with pytest.raises(ValueError):  # one reference per completion
+        grader.MathVerifier().grade(["a", "b"], ["1"])

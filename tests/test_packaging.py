@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,10 @@ def test_the_checkout_finds_its_own_shipped_files(tmp_path, capsys):
 
 def test_wheel_ships_configs_and_benchmark_data(tmp_path):
     wheel = _build_wheel(tmp_path)
+    # the scripts the sandbox runs by path, not by import: the launcher and the code harness
+    assert {"renio_pl/evaluators/sandbox_launcher.py", "renio_pl/evaluators/harness.py"} <= set(
+        zipfile.ZipFile(wheel).namelist()
+    )
     python = _throwaway_venv(tmp_path / "venv")
     done = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True)
     pip = [python, "-m", "pip"] if done.returncode == 0 else [sys.executable, "-m", "pip", "--python", str(python)]

@@ -151,7 +151,7 @@ def _train_sft(
     model = Qwen3ForCausalLM(config)
     rows = torch.tensor(
         [tokenizer(problem(a, b) + completion(demo.task, a, b))["input_ids"] + [tokenizer.eos_token_id] for a, b in pairs]
-    )  # (N, 6 + C + 1): 6 prompt tokens, the C completion characters (every completion of a task has the same length), EOS
+    )  # (P, 6 + T): 6 prompt tokens, T completion tokens: the characters (as long in every completion of a task), EOS
     lr = spec.sft_lr if spec.sft_lr is not None else demo.sft_lr
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=spec.sft_steps, pct_start=0.1)
@@ -175,7 +175,7 @@ def greedy_accuracy(
     model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[int, int]], task: str
 ) -> float:
     """Share of `pairs` whose greedy completion is exactly the task's completion (`completion`)."""
-    prompts = torch.tensor([tokenizer(problem(a, b))["input_ids"] for a, b in pairs])  # (N, 6)
+    prompts = torch.tensor([tokenizer(problem(a, b))["input_ids"] for a, b in pairs])  # (P, 6)
     width = len(completion(task, 0, 0))
     out = model.generate(prompts, max_new_tokens=width + 1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, prompts.shape[1] :], skip_special_tokens=True)

@@ -4,7 +4,7 @@
 executes one program the way EvalPlus 0.3.1 does (`exec` in fresh globals with output
 swallowed, then the entry point called on each input under its own SIGALRM time limit),
 and reports every call on fd 3. It never sees expected outputs: outputs are compared
-outside, by `renio_pl.evaluators.code`, so a program cannot fake a pass.
+outside, by `renio_pl.evaluators.code_oracles`, so a program cannot fake a pass.
 
 Untrusted mode (solutions) also disables the functions EvalPlus's `reliability_guard`
 disables (`open`, `os.remove`, `subprocess.Popen`, ... : results match EvalPlus's, it is

@@ -2,7 +2,9 @@
 
 The answer is taken the way the Qwen2.5-Math / DeepScaleR evaluations (and the ReNIO
 paper) take it: the last ``\\boxed{...}``, with text fallbacks, and is compared to the
-gold answer with math-verify after a cheap normalised-string fast path.
+gold answer with math-verify after a cheap normalised-string fast path. `is_correct` grades
+one completion; `MathVerifier` is the same grading as a `BatchVerifier` (the one protocol the
+data module grades with).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from math_verify import parse, verify
+
+from renio_pl.evaluators.verifier import BatchVerifier, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -257,3 +262,32 @@ def is_correct(completion: str, answer: str, *, timeout_s: float = CHECK_TIMEOUT
     except Exception:
         logger.warning("math check failed on %.200r vs %.200r", prediction, answer, exc_info=True)
         return False
+
+
+class MathVerifier(BatchVerifier):
+    """Final-answer grading as a `BatchVerifier`: each completion checked alone, in order.
+
+    The data module's default verifier, built from `data.verifier` (`check`) and
+    `data.answer_extractor` (`extract`); a test set may also name it as its `verifier`.
+
+    Args:
+        check: `(completion, answer) -> bool`; default `is_correct` (math-verify).
+        extract: `completion -> final answer or None`, what majority voting compares; default
+            `extract_answer`.
+    """
+
+    def __init__(
+        self,
+        check: Callable[[str, str], bool] = is_correct,
+        extract: Callable[[str], str | None] = extract_answer,
+    ) -> None:
+        self.check, self.extract = check, extract
+
+    def grade(self, completions: list[str], references: list[str | None]) -> list[Verdict]:
+        """Every completion's final answer; `correct` by `check` where it has a reference, else None."""
+        verdicts = []
+        for completion, reference in zip(completions, references, strict=True):
+            final_answer = self.extract(completion)
+            correct = None if reference is None else bool(self.check(completion, reference))
+            verdicts.append(Verdict(correct, final_answer))
+        return verdicts

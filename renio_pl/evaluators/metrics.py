@@ -119,7 +119,7 @@ class PassAtK(SampleRecords):
             raise ValueError(f"pass@{self.k} needs at least {self.k} samples per problem; got {n}")
         wrong = n - correct.sum(dim=1)  # (problems,)
         # C(w, k) / C(n, k) = prod_{i=0}^{k-1} (w - i) / (n - i), which is 0 once i reaches w.
-        steps = torch.arange(self.k, device=correct.device, dtype=correct.dtype)  # (k,)
+        steps = torch.arange(self.k, device=correct.device, dtype=correct.dtype)  # 0, 1, ..., k - 1 (pass@k's k)
         all_wrong = ((wrong[:, None] - steps).clamp(min=0) / (n - steps)).prod(dim=1)
         return (1.0 - all_wrong).mean()
 

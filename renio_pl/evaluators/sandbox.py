@@ -1,6 +1,6 @@
 """Runs untrusted programs (model-written code is hostile input) in a throwaway jail.
 
-`run(argv, ...)` starts this file as a small launcher (`python -I -S sandbox.py CONFIG`) in
+`run(argv, ...)` starts a small launcher (`python -I -S sandbox_launcher.py CONFIG`) in
 a new session; the launcher builds the jail, drops privileges and execs `argv`; the whole
 process tree is killed when the run ends, whatever the program did. `capabilities()` says
 what this host allows, and the first `run` logs it. As root on Linux (CI, the GPU
@@ -45,214 +45,36 @@ what is missing, and why.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import logging
 import marshal
+import math
 import os
+import pwd
+import select
+import shutil
 import signal
+import socket
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 
-# Only the imports above (and ctypes, in the launcher) are needed to launch a program: this
-# file is also the launcher script, whose start-up every run pays. The evaluator side's
-# imports are made in `_evaluator_side_imports` below, on first use.
+__all__ = ["Limits", "RunResult", "Capabilities", "SandboxError", "capabilities", "run", "UID_BASE"]
+
+log = logging.getLogger(__name__)
 
 UID_BASE = 1_600_000_000  # sandbox uids and gids are UID_BASE + slot
 _SLOTS = 4096
 _SLOT_DIR = "/run/renio_pl_sandbox"  # lock files, one per slot in use, shared by all processes
 _JAIL_MOUNTPOINTS = ("/mnt", "/media", "/srv", "/opt", "/home", "/tmp")
-_REPORT_FD, _ERROR_FD = 3, 4
-_SETUP_FAILED = 125
-
-# Linux constants (<sched.h>, <sys/mount.h>, <sys/prctl.h>).
-_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-_CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
-_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 36, 38
-
-
-# ---------------------------------------------------------------- launcher (runs as a script)
-
-
-def _launch(config: dict) -> None:
-    """The launcher: [namespaces ->] jail init -> program. Exits with the program's status."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    os.set_inheritable(_ERROR_FD, False)  # closed by the program's exec: EOF means "started"
-    os.closerange(_ERROR_FD + 1, os.sysconf("SC_OPEN_MAX"))
-    try:
-        _call(libc.prctl, _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the evaluator died: so do we
-        if os.getppid() != config["parent"]:
-            raise ProcessLookupError("the evaluator exited before the launcher started")
-        _call(libc.prctl, _PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us
-        if config["namespaces"]:
-            flags = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWIPC | _CLONE_NEWUTS
-            _call(libc.unshare, flags)
-        pid = os.fork()
-    except BaseException as error:
-        _fail("launcher", error)
-    if pid == 0:
-        if config["namespaces"]:
-            _jail_init(libc, config)
-        _exec_program(libc, config)
-    os.close(_ERROR_FD)
-    status = _wait_for(pid)
-    _kill_children()  # without a PID namespace, whatever the program left behind
-    os._exit(status)
-
-
-def _jail_init(libc, config: dict) -> None:
-    """PID 1 of the new namespaces: builds the jail, runs the program, exits with its status."""
-    try:
-        _call(libc.prctl, _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        _build_jail(libc, config)
-        pid = os.fork()
-    except BaseException as error:
-        _fail("jail", error)
-    if pid == 0:
-        _exec_program(libc, config)
-    os.close(_ERROR_FD)
-    os._exit(_wait_for(pid))  # the kernel then kills everything left in the namespace
-
-
-def _build_jail(libc, config: dict) -> None:
-    """A read-only tmpfs root with read-only binds, fresh /proc, /dev nodes and private /tmp; chroots."""
-    root, uid, gid, size = config["jail"], config["uid"], config["gid"], config["limits"]["tmp_bytes"]
-    os.umask(0o022)
-    _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount reaches the host
-    _mount(libc, "tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=4m,nr_inodes=4096,mode=755")
-    for private in ("/tmp", "/dev/shm"):  # first: a Python prefix under /tmp is bound inside the private one
-        os.makedirs(root + private)
-        options = f"size={size},nr_inodes=16384,mode=700,uid={uid},gid={gid}"
-        _mount(libc, "tmpfs", root + private, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
-    if config["cwd"] != "/tmp":
-        os.mkdir(root + config["cwd"], 0o700)
-        os.chown(root + config["cwd"], uid, gid)
-    for path in config["binds"]:
-        os.makedirs(root + path, exist_ok=True)
-        _mount(libc, path, root + path, None, _MS_BIND)
-        _mount(libc, None, root + path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
-    for link, target in config["links"] + [("/var/tmp", "/tmp"), ("/dev/fd", "/proc/self/fd")]:
-        os.makedirs(os.path.dirname(root + link), exist_ok=True)
-        os.symlink(target, root + link)
-    for device in ("null", "zero", "full", "random", "urandom"):
-        open(f"{root}/dev/{device}", "w").close()
-        _mount(libc, f"/dev/{device}", f"{root}/dev/{device}", None, _MS_BIND)
-    os.mkdir(root + "/proc")
-    _mount(libc, "proc", root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    _mount(libc, None, root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
-    os.chroot(root)
-    os.chdir("/")
-
-
-def _exec_program(libc, config: dict) -> None:
-    """Limits, identity, then exec: the last steps before the program runs."""
-    import resource
-
-    try:
-        limits = config["limits"]
-        for name, value in (
-            ("RLIMIT_CPU", limits["cpu_s"]), ("RLIMIT_AS", limits["memory_bytes"]),
-            ("RLIMIT_DATA", limits["memory_bytes"]), ("RLIMIT_STACK", limits["stack_bytes"]),
-            ("RLIMIT_FSIZE", limits["file_bytes"]), ("RLIMIT_NOFILE", limits["open_files"]),
-            ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", limits["processes"] if config["uid"] is not None else None),
-        ):
-            if value is not None:
-                hard = value + 1 if name == "RLIMIT_CPU" else value  # SIGXCPU first, SIGKILL a second later
-                resource.setrlimit(getattr(resource, name), (value, hard))
-        with open("/proc/self/oom_score_adj", "w") as oom:
-            oom.write("1000")
-        if config["uid"] is not None:
-            os.setgroups([])
-            os.setresgid(config["gid"], config["gid"], config["gid"])
-            os.setresuid(config["uid"], config["uid"], config["uid"])
-        _call(libc.prctl, _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        os.chdir(config["cwd"])
-        for restored in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; programs expect defaults
-            signal.signal(restored, signal.SIG_DFL)
-        os.execve(config["argv"][0], config["argv"], config["env"])
-    except BaseException as error:
-        _fail("program", error)
-
-
-def _wait_for(pid: int) -> int:
-    """Reaps children (orphans included) until `pid` exits; its exit code, or 128 + signal."""
-    while True:
-        try:
-            child, status = os.wait()
-        except InterruptedError:
-            continue
-        if child == pid:
-            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-
-
-def _kill_children() -> None:
-    """Kills and reaps every child of this (subreaper) process until none is left."""
-    while True:
-        with open(f"/proc/self/task/{os.getpid()}/children") as file:
-            children = [int(pid) for pid in file.read().split()]
-        if not children:
-            return
-        for child in children:
-            try:
-                os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for _ in children:
-            try:
-                os.wait()
-            except ChildProcessError:
-                break
-
-
-def _call(function, *args) -> None:
-    if function(*args) != 0:
-        import ctypes
-
-        code = ctypes.get_errno()
-        raise OSError(code, f"{function.__name__}: {os.strerror(code)}")
-
-
-def _mount(libc, source, target, fstype, flags, data=None) -> None:
-    encode = lambda text: None if text is None else text.encode()  # noqa: E731
-    if libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)) != 0:
-        import ctypes
-
-        code = ctypes.get_errno()
-        raise OSError(code, f"mount {source or ''} on {target}: {os.strerror(code)}")
-
-
-def _fail(stage: str, error: BaseException) -> None:
-    """Reports a setup failure on the error pipe and exits with `_SETUP_FAILED`."""
-    try:
-        os.write(_ERROR_FD, f"{stage}: {type(error).__name__}: {error}".encode()[:4096])
-    finally:
-        os._exit(_SETUP_FAILED)
-
-
-if __name__ == "__main__":
-    _launch(marshal.loads(bytes.fromhex(sys.argv[1])))
-
-
-# ---------------------------------------------------------------- evaluator side
-
-import contextlib  # noqa: E402  (see the note at the top: the launcher must not pay for these)
-import fcntl  # noqa: E402
-import functools  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import pwd  # noqa: E402
-import select  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-
-__all__ = ["Limits", "RunResult", "Capabilities", "SandboxError", "capabilities", "run", "UID_BASE"]
-
-log = logging.getLogger(__name__)
+# The launcher script, found beside this file (not imported: it runs as its own isolated
+# interpreter, and this file also works loaded alone, outside the package).
+_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
 
 
 class SandboxError(RuntimeError):
@@ -442,9 +264,9 @@ class _Process:
         self.report, report_child = socket.socketpair()
         child_fds = [stdin_fd, out_w, err_w, report_child.fileno(), error_w]
         spawn_fds = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in child_fds]  # so none is already 0-4
-        try:
+        try:  # the launcher finds them on fds 0-4 (sandbox_launcher.py's docstring)
             self.pid = os.posix_spawn(
-                sys.executable, [sys.executable, "-I", "-S", os.path.abspath(__file__), marshal.dumps(config).hex()],
+                sys.executable, [sys.executable, "-I", "-S", _LAUNCHER, marshal.dumps(config).hex()],
                 {}, file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(spawn_fds)],
                 setsid=True,
             )

@@ -1,10 +1,11 @@
-"""Verifiers that grade a whole batch of completions at once.
+"""The one grading protocol: a `BatchVerifier` grades a batch of completions against their references.
 
-The data module grades math completions one at a time with `data.verifier`
-(`(completion, answer) -> bool`). A benchmark whose grading is costly per call, such as
-running programs in a sandbox, sets `EvalSet.verifier` to a `BatchVerifier` instead: it gets
-every completion of a sampling call with its reference and returns one `Verdict` each, so it
-can run them in parallel.
+Every completion the data module samples (training rounds, validation, `renio-pl test` and
+`predict`) is graded through this interface, a sampling call at a time:
+`renio_pl.evaluators.math.MathVerifier` checks final answers (the data module's default,
+built from `data.verifier` and `data.answer_extractor`), and
+`renio_pl.evaluators.code.CodeVerifier` runs programs in a sandbox (a test set's own
+`verifier`). Grading a batch at once lets a costly grader run its checks in parallel.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ class Verdict:
     """One completion's grade.
 
     Attributes:
-        correct: whether the completion counts as solved (what Avg@k and pass@k count).
+        correct: whether the completion counts as solved (what Avg@k and pass@k count); None
+            when its row has no reference answer (nothing to grade against).
         final_answer: what majority voting compares; None when the completion has none.
         detail: a finer verdict kept in the report (code: `pass`, `base:fail`, `plus:timeout`, ...).
     """
 
-    correct: bool
+    correct: bool | None
     final_answer: str | None = None
     detail: str | None = None
 
@@ -40,5 +42,10 @@ class BatchVerifier(ABC):
     majority_vote: bool = True
 
     @abstractmethod
-    def grade(self, completions: list[str], references: list[str]) -> list[Verdict]:
-        """One verdict per completion, in order; `references[i]` is the data's answer column for completion i."""
+    def grade(self, completions: list[str], references: list[str | None]) -> list[Verdict]:
+        """One verdict per completion, in order.
+
+        `references[i]` is the data's answer column for completion i, None when the row has no
+        answer: that completion's verdict has `correct` None (and may still give a final answer,
+        for predictions).
+        """

@@ -12,8 +12,8 @@ tokenises each completion and holds them to the length limits. `stage` picks wha
 Validation, test and predict are the on-policy data module's, inherited: held-out prompts
 sampled by the engine with the current student and graded by the verifier.
 
-Glossary: `B` records in a batch, `R` rows (`B`, or `2B` with negatives), `P` padded prompt
-width, `T` completion tokens.
+Shapes use the package glossary (`renio_pl/__init__.py`): `B` records in a batch, `R` rows (`B`, or `2B` with
+negatives), `T_prompt` the padded prompt width, `T` completion tokens.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class TraceBatch:
 
     Attributes:
         completions: the `B` positives, then (stage `redi`) the `B` negatives in the same
-            order, laid out as rollouts: `input_ids` (R, P + T), `completion_mask` (R, T).
+            order, laid out as rollouts: `input_ids` (R, T_prompt + T), `completion_mask` (R, T).
         pairs: `B`.
     """
 

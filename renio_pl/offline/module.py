@@ -9,8 +9,9 @@ and no weighter: the teacher's knowledge is in the traces, its quality in their 
 Held-out accuracy, benchmarks (`test` / `predict`), the optimizer and scheduler and the
 divergence guard are `DistillationModule`'s, inherited unchanged.
 
-Glossary: `B` records, `R` rows (`B` positives, then `B` negatives in stage `redi`), `T`
-completion tokens, `H` hidden size, `V` vocabulary, `N` completion tokens of the batch.
+Shapes use the package glossary (`renio_pl/__init__.py`): `B` records, `R` rows (`B` positives, then `B`
+negatives in stage `redi`), `T` completion tokens, `H` hidden size, `V` vocabulary, `N` the
+batch's completion tokens packed.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from jsonargparse import ActionConfigFile, lazy_instance
 
 from renio_pl.cli import RenioArgumentParser
 from renio_pl.errors import ConfigError
-from renio_pl.evaluators.math import is_correct
+from renio_pl.evaluators.math import MathVerifier, is_correct
 from renio_pl.models import DType, load_model, load_tokenizer
 from renio_pl.paths import InputPath
 from renio_pl.prompts import PromptFormat, PromptRow, load_rows, render_prompt
@@ -68,8 +68,11 @@ def select_traces(
     counts = dict.fromkeys(("samples", "unfinished", "positives", "negatives", "skipped_no_positive",
                             "skipped_no_negative"), 0)
     sft, redi = [], []
+    grader = MathVerifier(verifier)  # the package's one grading protocol, with this check
     for row, texts_G, finished_G in zip(rows, texts_P_G, finished_P_G):
-        graded = [(j, verifier(text, row.answer)) for j, (text, done) in enumerate(zip(texts_G, finished_G)) if done]
+        finished = [j for j, done in enumerate(finished_G) if done]
+        verdicts = grader.grade([texts_G[j] for j in finished], [row.answer] * len(finished))
+        graded = [(j, verdict.correct) for j, verdict in zip(finished, verdicts, strict=True)]
         positives = [j for j, correct in graded if correct]
         negatives = [j for j, correct in graded if not correct]
         counts["samples"] += len(texts_G)
