@@ -415,7 +415,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         rows = {row.index: row for row in self.train_rows}
         key = zlib.crc32(_REWRITE_STREAM.encode())
         seeds = [stream_key(self.seed, key, stream, a.prompt_index, a.sample_index) for a in attempts]
-        with module._teaching() as rewriter:  # one home decides who teaches: the OPD teacher or the base weights
+        with module.teaching() as rewriter:  # one home decides who teaches: the OPD teacher or the base weights
             refined = self.refiner.refine(attempts, rows, rewriter, self.tokenizer, self.engine, seeds)
         self._grade(refined, None)
         counts = self.trainer.strategy.reduce(refinement_counts(attempts, refined).to(module.device), reduce_op="sum")

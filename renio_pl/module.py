@@ -150,7 +150,7 @@ class DistillationModule(pl.LightningModule):
             self.teacher.to(self.device).eval()
 
     @contextmanager
-    def _teaching(self) -> Iterator[torch.nn.Module]:
+    def teaching(self) -> Iterator[torch.nn.Module]:
         """The teacher to score with: the frozen one, or the LoRA student with its adapter off (OPSD)."""
         if self._frozen:
             yield self.teacher
@@ -174,7 +174,7 @@ class DistillationModule(pl.LightningModule):
                 student_hidden, self.student.get_output_embeddings(), teacher_top_k, batch.completion_ids,
                 batch.completion_mask, batch.temperature, self.loss, self.chunk_tokens,
             )
-        with torch.no_grad(), self._teaching() as teacher:
+        with torch.no_grad(), self.teaching() as teacher:
             teacher_hidden = completion_hidden_states(teacher, *batch.teacher_inputs())  # (B, T, H_T)
             teacher_head = teacher.get_output_embeddings()  # not adapted: LoRA's all-linear skips the head
         return score_tokens(

@@ -6,7 +6,7 @@ reference solution), has the rewriter sample one rewrite `y_r`, and returns a ro
 completion is `y_r`: the student scores `x + y_r` after its own prompt `x`, and the teacher
 scores the same tokens after the rewrite prompt (`Rollout.teacher_prompt_ids`), which is
 exactly what the rewriter generated them after. The rewriter is the teacher the module scores
-with (`DistillationModule._teaching`): the OPD teacher, or for OPSD the student's base weights.
+with (`DistillationModule.teaching`): the OPD teacher, or for OPSD the student's base weights.
 Method: TRD (Jiang, Xu, Ding, Zhang, arXiv 2606.08432); method.md, "TRD".
 
 Shapes use the package glossary (`renio_pl/__init__.py`): `B` rollouts, `T` completion tokens.
@@ -181,7 +181,7 @@ class Refiner:
         Args:
             attempts_B: the student's rollouts, with their decoded `text`.
             rows: the training rows by `PromptRow.index`.
-            rewriter: the model that rewrites: the module's teacher, from `_teaching()`.
+            rewriter: the model that rewrites: the module's teacher, from `teaching()`.
             data_engine: the rollout engine, used when `engine` is None.
             seeds_B: the random stream of each rewrite.
         Returns:
