@@ -232,11 +232,12 @@ def rehearse(config: str, overrides: list[str], cli: str, out: str) -> None:
 
     if cli == "renio-pl-redi":
         from renio_pl.offline.cli import OfflineArgumentParser as Parser
+        from renio_pl.offline.cli import OfflineCLI as CLI
         from renio_pl.offline.datamodule import TraceDataModule as Data
         from renio_pl.offline.module import OfflineDistillationModule as Model
     else:
-        Parser, Data, Model = RenioArgumentParser, OnPolicyDataModule, DistillationModule
-    run = RenioCLI(Model, Data, parser_class=Parser, run=False, save_config_kwargs={"overwrite": True},
+        CLI, Parser, Data, Model = RenioCLI, RenioArgumentParser, OnPolicyDataModule, DistillationModule
+    run = CLI(Model, Data, parser_class=Parser, run=False, save_config_kwargs={"overwrite": True},
                    args=["--config", config, *overrides])
     before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     result: dict = {"dtypes": sorted({str(p.dtype) for p in before.values()})}
