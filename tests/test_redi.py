@@ -374,7 +374,6 @@ REDI_CONFIGS = {
     "sft": ROOT / "configs" / "paper" / "redi_qwen2.5_math_1.5b_sft.yaml",
     "redi": ROOT / "configs" / "paper" / "redi_qwen2.5_math_1.5b_redi.yaml",
 }
-DEMO_CONFIGS = [ROOT / "configs" / "demo_redi_sft.yaml", ROOT / "configs" / "demo_redi.yaml"]
 
 
 def printed_config(config: Path, capsys, *extra: str) -> dict:
@@ -382,15 +381,6 @@ def printed_config(config: Path, capsys, *extra: str) -> dict:
         redi_main(["fit", "--config", str(config), *extra, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
-
-
-@pytest.mark.parametrize("config", [*REDI_CONFIGS.values(), *DEMO_CONFIGS], ids=lambda p: p.name)
-def test_shipped_redi_configs_parse_with_checkpoints(config, capsys):
-    printed = printed_config(config, capsys)
-    assert printed["model"]["student"] and printed["data"]["train_path"]
-    checkpoints = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
-    assert checkpoints and checkpoints[0]["init_args"]["save_last"] is True
-    assert printed["trainer"]["plugins"][0]["class_path"] == "renio_pl.checkpointing.AtomicCheckpointIO"
 
 
 def test_the_demo_traces_config_parses(capsys):
