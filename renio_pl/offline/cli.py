@@ -15,11 +15,10 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from renio_pl.cli import RenioArgumentParser, RenioCLI, run_cli
 from renio_pl.errors import ConfigError
-from renio_pl.losses import TraceLoss
-from renio_pl.offline.datamodule import TraceDataModule
+from renio_pl.offline.datamodule import TraceDataModule, trace_stage
 from renio_pl.offline.module import OfflineDistillationModule
 
-__all__ = ["OfflineArgumentParser", "OfflineCLI", "trace_stage", "main"]
+__all__ = ["OfflineArgumentParser", "OfflineCLI", "main"]
 
 # Options of on-policy distillation (`renio-pl`) that offline distillation does not have.
 _ON_POLICY_OPTIONS = re.compile(
@@ -27,15 +26,10 @@ _ON_POLICY_OPTIONS = re.compile(
 )
 # `data.stage`, set from `model.objective` by the link (jsonargparse names the link in its error).
 _STAGE_OPTION = re.compile(r"--> data\.stage\b")
-STAGE_FROM_OBJECTIVE = (
+_STAGE_FROM_OBJECTIVE = (
     "data.stage is set from model.objective (SFTLoss: sft, REDILoss: redi); remove data.stage and choose the "
     "objective, e.g. --model.objective REDILoss"
 )
-
-
-def trace_stage(objective: TraceLoss) -> str:
-    """The `TraceDataModule` stage an objective trains on: `redi` when it needs negatives, else `sft`."""
-    return "redi" if objective.needs_negatives else "sft"
 
 
 class OfflineArgumentParser(RenioArgumentParser):
@@ -43,7 +37,7 @@ class OfflineArgumentParser(RenioArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if _STAGE_OPTION.search(message):
-            message = STAGE_FROM_OBJECTIVE
+            message = _STAGE_FROM_OBJECTIVE
         elif _ON_POLICY_OPTIONS.search(message):
             message = (
                 f"{message.strip()}; REDI learns from fixed teacher traces, so it takes no teacher model, weighter "
@@ -63,7 +57,7 @@ class OfflineCLI(RenioCLI):
         """Refuse a `data.stage` given in a config file (the link would silently override it)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("data.stage") is not None:
-            raise ConfigError(STAGE_FROM_OBJECTIVE)
+            raise ConfigError(_STAGE_FROM_OBJECTIVE)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -38,9 +38,14 @@ from renio_pl.prompts import PromptFormat, load_table, read_prompt, render_promp
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key
 
-__all__ = ["Trace", "TraceBatch", "collate_traces", "TraceDataModule"]
+__all__ = ["Trace", "TraceBatch", "collate_traces", "trace_stage", "TraceDataModule"]
 
 Stage = Literal["sft", "redi"]
+
+
+def trace_stage(objective: TraceLoss) -> Stage:
+    """The stage whose records `objective` trains on: `redi` when it needs negatives, else `sft`."""
+    return "redi" if objective.needs_negatives else "sft"
 
 
 @dataclass
@@ -184,8 +189,8 @@ class TraceDataModule(OnPolicyDataModule):
     def _check_model(self) -> None:
         """Refuse a model that cannot train on this stage's records, before any trace is read.
 
-        A model trains on traces when its `objective` is a `TraceLoss`; the objective's
-        `needs_negatives` says which stage it trains on.
+        A model trains on traces when its `objective` is a `TraceLoss`; `trace_stage` says on
+        which stage's records.
         """
         model = self.trainer.lightning_module if self.trainer is not None else None
         if model is None:
@@ -195,19 +200,20 @@ class TraceDataModule(OnPolicyDataModule):
                 f"data: TraceDataModule serves offline traces, which {type(model).__name__} does not train on; "
                 "use renio_pl.offline.OfflineDistillationModule (renio-pl-redi fit)"
             )
-        objective = type(model.objective).__name__
-        if model.objective.needs_negatives and self.stage != "redi":
+        objective, needed = type(model.objective).__name__, trace_stage(model.objective)
+        if needed == self.stage:
+            return
+        if needed == "redi":
             raise ConfigError(
                 f"model.objective {objective} needs a negative trace for every positive, but data.stage is "
                 f"{self.stage!r}: build TraceDataModule with stage='redi' (renio-pl-redi sets it from "
                 "model.objective), or use renio_pl.losses.SFTLoss"
             )
-        if not model.objective.needs_negatives and self.stage == "redi":
-            raise ConfigError(
-                f"model.objective {objective} trains on positive traces alone, but data.stage is 'redi': "
-                "build TraceDataModule with stage='sft' (it reads the positives of a redi file too; renio-pl-redi "
-                "sets it from model.objective), or use renio_pl.losses.REDILoss"
-            )
+        raise ConfigError(
+            f"model.objective {objective} trains on positive traces alone, but data.stage is 'redi': "
+            "build TraceDataModule with stage='sft' (it reads the positives of a redi file too; renio-pl-redi "
+            "sets it from model.objective), or use renio_pl.losses.REDILoss"
+        )
 
     # --- reading the traces ------------------------------------------------------------------
     def load_traces(self) -> list[Trace]:
