@@ -112,15 +112,15 @@ class RenioCLI(LightningCLI):
 
 def run_cli(
     model_class: type[pl.LightningModule], datamodule_class: type[pl.LightningDataModule],
-    parser_class: type[RenioArgumentParser], args: list[str] | None,
+    parser_class: type[RenioArgumentParser], args: list[str] | None, cli_class: type[RenioCLI] = RenioCLI,
 ) -> None:
-    """Run a `RenioCLI` over the given classes; a `ConfigError` exits 2 and a divergence exits 1, in one line.
+    """Run a `cli_class` (a `RenioCLI`) over the given classes; a `ConfigError` exits 2 and a divergence exits 1, in one line.
 
     Every trainer gets `StopTogether`: after SIGTERM the run writes `last.ckpt` and exits 143.
     """
     configure_logging()
     try:
-        RenioCLI(
+        cli_class(
             model_class, datamodule_class, save_config_callback=SaveRunConfig, save_config_kwargs={"overwrite": True},
             parser_class=parser_class, args=args, trainer_defaults={"callbacks": [StopTogether()]},
         )

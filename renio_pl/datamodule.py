@@ -49,7 +49,7 @@ from renio_pl.refinement import Refiner, refinement_counts, refinement_metrics
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key
 
-__all__ = ["EvalSet", "OnPolicyDataModule", "balance_shares", "batch_sizes"]
+__all__ = ["EvalSet", "OnPolicyDataModule", "ResumableLoader", "balance_shares", "batch_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         sizes = batch_sizes(len(shuffled), self._round_batches, self.batch_size)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         batches = [shuffled[start : start + size] for start, size in zip(starts, sizes)]
-        return _RoundLoader(
+        return ResumableLoader(
             self._batches_done, batches, batch_size=None, sampler=_OwnShare(batches), collate_fn=self._collate,
         )
 
@@ -630,12 +630,17 @@ class _OwnShare(DistributedSampler):
         super().__init__(batches, num_replicas=1, rank=0, shuffle=False)
 
 
-class _RoundLoader(DataLoader):
-    """The round's training loader, resumable mid-epoch (Lightning saves and restores its state).
+class ResumableLoader(DataLoader):
+    """A training loader resumable mid-epoch (Lightning saves and restores its state): the on-policy
+    round's, and the offline traces' (`renio_pl.offline.TraceDataModule`).
 
     Its state is the number of batches already trained this epoch, taken from the fit loop
     rather than counted here (Lightning fetches a batch ahead). After `load_state_dict` the
     next pass skips those batches; `len` stays the whole epoch, as Lightning's counters expect.
+
+    Args:
+        batches_done: returns the number of batches the fit loop has trained this epoch.
+        *args, **kwargs: `torch.utils.data.DataLoader`'s.
     """
 
     def __init__(self, batches_done: Callable[[], int], *args, **kwargs) -> None:
@@ -653,6 +658,9 @@ class _RoundLoader(DataLoader):
         # sampler's shuffle) are taken by the first batch actually drawn, not by `iter()`.
         skip, self.skip = self.skip, 0
         yield from islice(super().__iter__(), skip, None)
+
+
+_RoundLoader = ResumableLoader  # its former, private name
 
 
 class _SampledOnIteration(IterableDataset):

@@ -96,7 +96,7 @@ def test_opsd_and_redi_checkpoints_export(model_dirs, tmp_path):
     ]))
     redi_main(["fit", "--model.student", str(model_dirs["student"]), "--model.objective", "REDILoss",
                "--model.objective.alpha", "0.5", "--model.optimizer.lr", "0.01", "--data.train_path", str(traces),
-               "--data.stage", "redi", "--data.batch_size", "2", "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
+               "--data.batch_size", "2", "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                "--trainer.default_root_dir", str(tmp_path / "redi"), "--trainer.callbacks+=ModelCheckpoint",
                "--trainer.callbacks.dirpath", str(tmp_path / "redi" / "checkpoints"), "--trainer.callbacks.save_last", "true"])

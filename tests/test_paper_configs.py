@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.testing import assert_close
 
 from renio_pl.datamodule import OnPolicyDataModule
@@ -173,9 +172,9 @@ def test_trd_paper_configs_keep_fp32_master_weights_the_token_reduction_and_the_
         assert schedule == {"total_steps": total, "warmup_steps": int(0.1 * total), "shape": "cosine", "min_ratio": 0.1}
 
 
-def test_opd_with_a_separate_teacher_reads_the_reference_solution(tmp_path):
+def test_opd_with_a_separate_teacher_reads_the_reference_solution(tmp_path, capsys):
     """The OPD paper config's teacher context: the 8B teacher scores the student's tokens after the privileged prompt."""
-    config = yaml.safe_load((PAPER / "opd_qwen3_1.7b.yaml").read_text())["data"]
+    config = printed_config("fit", PAPER / "opd_qwen3_1.7b.yaml", capsys)["data"]  # its prompt fragments included
     tokenizer = make_tokenizer(CHARACTERS, THINKING_TEMPLATE)
     for name, seed in (("student", 0), ("teacher", 1)):
         tiny_qwen3(seed, len(tokenizer)).save_pretrained(tmp_path / name)
@@ -232,11 +231,12 @@ def rehearse(config: str, overrides: list[str], cli: str, out: str) -> None:
 
     if cli == "renio-pl-redi":
         from renio_pl.offline.cli import OfflineArgumentParser as Parser
+        from renio_pl.offline.cli import OfflineCLI as CLI
         from renio_pl.offline.datamodule import TraceDataModule as Data
         from renio_pl.offline.module import OfflineDistillationModule as Model
     else:
-        Parser, Data, Model = RenioArgumentParser, OnPolicyDataModule, DistillationModule
-    run = RenioCLI(Model, Data, parser_class=Parser, run=False, save_config_kwargs={"overwrite": True},
+        CLI, Parser, Data, Model = RenioCLI, RenioArgumentParser, OnPolicyDataModule, DistillationModule
+    run = CLI(Model, Data, parser_class=Parser, run=False, save_config_kwargs={"overwrite": True},
                    args=["--config", config, *overrides])
     before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     result: dict = {"dtypes": sorted({str(p.dtype) for p in before.values()})}

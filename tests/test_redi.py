@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import math
@@ -244,11 +245,13 @@ def test_redi_objective_on_sft_records_and_sft_objective_on_triplets_are_refused
         OfflineDistillationModule(student, objective=REDILoss()), TraceDataModule(str(trace_files["sft"]), student), tmp_path
     )
     assert message.startswith("model.objective REDILoss needs a negative trace for every positive, but data.stage is 'sft'")
+    assert "build TraceDataModule with stage='redi'" in message
     message = fit_until_error(
         OfflineDistillationModule(student, objective=SFTLoss()),
         TraceDataModule(str(trace_files["redi"]), student, stage="redi"), tmp_path,
     )
     assert message.startswith("model.objective SFTLoss trains on positive traces alone, but data.stage is 'redi'")
+    assert "build TraceDataModule with stage='sft'" in message
 
 
 def test_on_policy_and_offline_halves_do_not_mix(model_dirs, trace_files, prompt_file, tmp_path):
@@ -259,6 +262,21 @@ def test_on_policy_and_offline_halves_do_not_mix(model_dirs, trace_files, prompt
     assert "OfflineDistillationModule trains on teacher traces, not on OnPolicyDataModule" in message
 
 
+def offline_imports(name: str) -> set[str]:
+    """The `renio_pl.offline` modules that `renio_pl/offline/<name>.py` imports, anywhere in the file."""
+    tree = ast.parse((ROOT / "renio_pl" / "offline" / f"{name}.py").read_text())
+    names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return {n.removeprefix("renio_pl.offline.") for n in names if n.startswith("renio_pl.offline.")}
+
+
+def test_the_offline_modules_import_one_way():
+    """cli -> module -> datamodule, never back: the data module checks the model by its objective alone."""
+    assert offline_imports("datamodule") == set()
+    assert offline_imports("module") == {"datamodule"}
+    assert offline_imports("cli") == {"datamodule", "module"}
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -267,16 +285,21 @@ def test_on_policy_and_offline_halves_do_not_mix(model_dirs, trace_files, prompt
         (["--data.sampling.n", "4"], "takes no teacher model, weighter or token loss"),
         (["--model.objective", "renio_pl.losses.ForwardKL"], "option --model.objective"),
         (["--model.objective", "REDILoss", "--model.objective.alpha", "2"], "alpha must be in [0, 1]"),
-        (["--data.stage", "dpo"], "option --data.stage"),
-        (["--model.objective", "REDILoss"], "set data.stage=redi"),
+        (["--data.stage", "redi"], "data.stage is set from model.objective (SFTLoss: sft, REDILoss: redi); remove"),
+        (["--data.stage=dpo"], "data.stage is set from model.objective"),
+        (["--config", "{stage_config}"], "data.stage is set from model.objective (SFTLoss: sft, REDILoss: redi); remove"),
+        # the link makes the stage redi, so the sft file's missing negatives are what is refused
+        (["--model.objective", "REDILoss"], "has no column 'negative' (data.negative_field)"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(model_dirs, trace_files, tmp_path, capsys, extra, message):
     args = ["fit", "--model.student", str(model_dirs["student"]), "--data.train_path", str(trace_files["sft"]),
             "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--trainer.logger", "false",
             "--trainer.default_root_dir", str(tmp_path)]
+    stage_config = tmp_path / "stage.yaml"  # a config written before the stage followed the objective
+    stage_config.write_text(yaml.safe_dump({"data": {"stage": "sft"}}))
     with pytest.raises(SystemExit) as exit_info:
-        redi_main(args + [a.format(teacher=model_dirs["teacher"]) for a in extra])
+        redi_main(args + [a.format(teacher=model_dirs["teacher"], stage_config=stage_config) for a in extra])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], err
@@ -351,7 +374,6 @@ REDI_CONFIGS = {
     "sft": ROOT / "configs" / "paper" / "redi_qwen2.5_math_1.5b_sft.yaml",
     "redi": ROOT / "configs" / "paper" / "redi_qwen2.5_math_1.5b_redi.yaml",
 }
-DEMO_CONFIGS = [ROOT / "configs" / "demo_redi_sft.yaml", ROOT / "configs" / "demo_redi.yaml"]
 
 
 def printed_config(config: Path, capsys, *extra: str) -> dict:
@@ -359,15 +381,6 @@ def printed_config(config: Path, capsys, *extra: str) -> dict:
         redi_main(["fit", "--config", str(config), *extra, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
-
-
-@pytest.mark.parametrize("config", [*REDI_CONFIGS.values(), *DEMO_CONFIGS], ids=lambda p: p.name)
-def test_shipped_redi_configs_parse_with_checkpoints(config, capsys):
-    printed = printed_config(config, capsys)
-    assert printed["model"]["student"] and printed["data"]["train_path"]
-    checkpoints = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
-    assert checkpoints and checkpoints[0]["init_args"]["save_last"] is True
-    assert printed["trainer"]["plugins"][0]["class_path"] == "renio_pl.checkpointing.AtomicCheckpointIO"
 
 
 def test_the_demo_traces_config_parses(capsys):
@@ -398,7 +411,7 @@ def test_paper_redi_configs_carry_the_authors_recipe(stage, capsys):
     assert schedule["total_steps"] == trainer["max_steps"]
     assert schedule["warmup_steps"] == math.ceil(0.1 * trainer["max_steps"])  # warmup_ratio 0.1, as the HF Trainer rounds it
     assert (data["max_prompt_tokens"], data["max_completion_tokens"], data["long_traces"]) == (800, 19000, "drop")
-    assert data["stage"] == stage and model["gradient_checkpointing"] is True
+    assert "stage" not in data and model["gradient_checkpointing"] is True  # the objective sets it (instantiated below)
     objective = model["objective"]
     if stage == "sft":
         assert objective["class_path"] == "renio_pl.losses.SFTLoss"
@@ -413,10 +426,10 @@ def test_paper_redi_configs_carry_the_authors_recipe(stage, capsys):
 @pytest.mark.parametrize("stage", REDI_CONFIGS)
 def test_paper_redi_configs_instantiate_offline(stage, model_dirs, trace_files, tmp_path):
     """Every class of the config is built (a tiny student stands in for the 1.5B one; CPU, one device)."""
-    from renio_pl.cli import RenioArgumentParser, RenioCLI
+    from renio_pl.offline.cli import OfflineArgumentParser, OfflineCLI
 
-    cli = RenioCLI(
-        OfflineDistillationModule, TraceDataModule, parser_class=RenioArgumentParser, run=False,
+    cli = OfflineCLI(
+        OfflineDistillationModule, TraceDataModule, parser_class=OfflineArgumentParser, run=False,
         save_config_kwargs={"overwrite": True},
         args=["--config", str(REDI_CONFIGS[stage]), "--model.student", str(model_dirs["student"]),
               "--data.train_path", str(trace_files[stage]), "--data.val_path", "null",

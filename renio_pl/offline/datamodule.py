@@ -29,17 +29,23 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from renio_pl.datamodule import EvalSet, OnPolicyDataModule, _RoundLoader
+from renio_pl.datamodule import EvalSet, OnPolicyDataModule, ResumableLoader
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import extract_answer, is_correct
+from renio_pl.losses import TraceLoss
 from renio_pl.paths import InputPath
 from renio_pl.prompts import PromptFormat, load_table, read_prompt, render_prompt, require_columns, where
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key
 
-__all__ = ["Trace", "TraceBatch", "collate_traces", "TraceDataModule"]
+__all__ = ["Trace", "TraceBatch", "collate_traces", "trace_stage", "TraceDataModule"]
 
 Stage = Literal["sft", "redi"]
+
+
+def trace_stage(objective: TraceLoss) -> Stage:
+    """The stage whose records `objective` trains on: `redi` when it needs negatives, else `sft`."""
+    return "redi" if objective.needs_negatives else "sft"
 
 
 @dataclass
@@ -95,7 +101,9 @@ class TraceDataModule(OnPolicyDataModule):
         train_path: the traces: a jsonl / parquet file or a hub data set id (needed to fit),
             e.g. `sft.jsonl` or `redi.jsonl` written by `renio-pl-redi-traces`.
         tokenizer: the student's tokenizer (hub id or folder); linked from `model.student`.
-        stage: `sft` serves (prompt, positive) pairs, `redi` (prompt, positive, negative) triplets.
+        stage: `sft` serves (prompt, positive) pairs, `redi` (prompt, positive, negative) triplets;
+            it must match the model's objective (`needs_negatives`). `renio-pl-redi` sets it from
+            `model.objective`, so it is not an option there.
         val_path: held-out prompts with answers for validation accuracy, or None.
         prompt_field: column holding the problem text (in the traces and the held-out prompts).
         positive_field: column holding the positive (correct) completion text.
@@ -179,28 +187,33 @@ class TraceDataModule(OnPolicyDataModule):
         super().setup("validate" if stage == "fit" else stage)
 
     def _check_model(self) -> None:
-        """Refuse a model that cannot train on this stage's records, before any trace is read."""
-        from renio_pl.offline.module import OfflineDistillationModule
+        """Refuse a model that cannot train on this stage's records, before any trace is read.
 
+        A model trains on traces when its `objective` is a `TraceLoss`; `trace_stage` says on
+        which stage's records.
+        """
         model = self.trainer.lightning_module if self.trainer is not None else None
         if model is None:
             return
-        if not isinstance(model, OfflineDistillationModule):
+        if not isinstance(getattr(model, "objective", None), TraceLoss):
             raise ConfigError(
                 f"data: TraceDataModule serves offline traces, which {type(model).__name__} does not train on; "
                 "use renio_pl.offline.OfflineDistillationModule (renio-pl-redi fit)"
             )
-        objective = type(model.objective).__name__
-        if model.objective.needs_negatives and self.stage != "redi":
+        objective, needed = type(model.objective).__name__, trace_stage(model.objective)
+        if needed == self.stage:
+            return
+        if needed == "redi":
             raise ConfigError(
                 f"model.objective {objective} needs a negative trace for every positive, but data.stage is "
-                f"{self.stage!r}: set data.stage=redi, or use renio_pl.losses.SFTLoss"
+                f"{self.stage!r}: build TraceDataModule with stage='redi' (renio-pl-redi sets it from "
+                "model.objective), or use renio_pl.losses.SFTLoss"
             )
-        if not model.objective.needs_negatives and self.stage == "redi":
-            raise ConfigError(
-                f"model.objective {objective} trains on positive traces alone, but data.stage is 'redi': "
-                "set data.stage=sft (it reads the positives of a redi file too), or use renio_pl.losses.REDILoss"
-            )
+        raise ConfigError(
+            f"model.objective {objective} trains on positive traces alone, but data.stage is 'redi': "
+            "build TraceDataModule with stage='sft' (it reads the positives of a redi file too; renio-pl-redi "
+            "sets it from model.objective), or use renio_pl.losses.REDILoss"
+        )
 
     # --- reading the traces ------------------------------------------------------------------
     def load_traces(self) -> list[Trace]:
@@ -283,7 +296,7 @@ class TraceDataModule(OnPolicyDataModule):
     def train_dataloader(self) -> DataLoader:
         """The records in an order keyed by (seed, epoch); resumable mid-epoch like the on-policy rounds."""
         order = torch.Generator().manual_seed(stream_key(self.seed, self.trainer.current_epoch))
-        return _RoundLoader(
+        return ResumableLoader(
             self._batches_done, self.traces, batch_size=self.batch_size, shuffle=True, generator=order,
             collate_fn=self._collate_traces,
         )

@@ -42,8 +42,8 @@ class OfflineDistillationModule(DistillationModule):
     Args:
         student: hub id or local folder of the trainable student (for stage 2, the folder the
             SFT run wrote with `renio_pl.offline.SaveStudent`).
-        objective: `renio_pl.losses.SFTLoss` (stage 1, with `data.stage: sft`) or
-            `renio_pl.losses.REDILoss` (stage 2, with `data.stage: redi`).
+        objective: `renio_pl.losses.SFTLoss` (stage 1) or `renio_pl.losses.REDILoss` (stage 2);
+            `renio-pl-redi` sets the data module's `stage` from it (`sft` or `redi`).
         dtype: dtype the student is loaded in (keep float32 under `bf16-mixed` for a learning
             rate as small as REDI's 1e-6: bf16 weights would round most updates away).
         student_lora: train a LoRA adapter instead of the full student.
@@ -90,7 +90,7 @@ class OfflineDistillationModule(DistillationModule):
         super().setup(stage)
 
     def on_fit_start(self) -> None:
-        """Nothing to load: there is no teacher (the data module has checked the objective against its stage)."""
+        """Nothing to load: there is no teacher (`TraceDataModule.setup` has checked the objective against its stage)."""
         check_fit_setup(self.trainer, self)  # fp32 master weights, a new record order per epoch
 
     # --- the data flow -----------------------------------------------------------------------
