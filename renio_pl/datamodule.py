@@ -38,6 +38,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
+from renio_pl.contracts import RolloutPolicy
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import MathVerifier, extract_answer, is_correct
 from renio_pl.evaluators.verifier import BatchVerifier
@@ -335,8 +336,14 @@ class OnPolicyDataModule(pl.LightningDataModule):
 
     def _student_context(self) -> int | None:
         """The student's `max_position_embeddings`, when a trainer with our module is attached."""
-        student = getattr(getattr(self.trainer, "lightning_module", None), "student", None)
-        return getattr(getattr(student, "config", None), "max_position_embeddings", None)
+        policy = self._policy()
+        config = getattr(policy.student, "config", None) if policy is not None else None  # a Hugging Face config
+        return getattr(config, "max_position_embeddings", None)
+
+    def _policy(self) -> RolloutPolicy | None:
+        """The attached model, when it provides `RolloutPolicy` (the student to sample, the teacher to rewrite)."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return module if isinstance(module, RolloutPolicy) else None
 
     # --- one rollout round -------------------------------------------------------------------
     def round_prompt_indices(self, epoch: int) -> list[int]:
@@ -369,7 +376,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         Completions are graded with `verifier` when given, else with the data's verifier
         (`data.verifier`, final answers taken by `data.answer_extractor`).
         """
-        policy = self.trainer.lightning_module.student
+        policy = self.trainer.lightning_module.student  # RolloutPolicy.student
         completions_P_G = self.engine.generate(policy, self.tokenizer, prompt_ids, sampling, seeds)
         teacher_prompt_ids = teacher_prompt_ids or [None] * len(rows)
         rollouts = []

@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torch.nn import ModuleDict
 
+from renio_pl.contracts import evaluation_data
 from renio_pl.diagnostics import Diagnostics, GroupAccuracy
 from renio_pl.errors import ConfigError, TrainingDiverged
 from renio_pl.evaluators.accuracy import accuracy_metrics, completion_record, compute_accuracy, update_accuracy
@@ -33,7 +34,7 @@ from renio_pl.logprobs import TokenScores, completion_hidden_states, score_token
 from renio_pl.models import DType, LoRA, check_same_vocabulary, load_model, load_tokenizer
 from renio_pl.parallel import shard_student
 from renio_pl.paths import InputPath
-from renio_pl.rollouts import Rollout, RolloutBatch
+from renio_pl.rollouts import Rollout, RolloutBatch, SamplingConfig
 from renio_pl.teacher_server import ServerTeacher, TeacherServerDown
 from renio_pl.weighters import UniformWeighter, Weighter, WeighterInputs
 
@@ -129,7 +130,8 @@ class DistillationModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         check_fit_setup(self.trainer, self)  # fp32 master weights, one rollout round per epoch
-        self_distillation = getattr(getattr(self.trainer, "datamodule", None), "solution_field", None) is not None
+        data = evaluation_data(self.trainer)
+        self_distillation = data is not None and data.solution_field is not None
         if self.teacher_server is not None:
             vocabulary = self.student.get_output_embeddings().weight.shape[0]
             self.teacher_server.connect(load_tokenizer(self.hparams.student), vocabulary)
@@ -286,17 +288,17 @@ class DistillationModule(pl.LightningModule):
     # --- evaluation: held-out accuracy during fit, benchmarks in test ------------------------
     def setup(self, stage: str) -> None:
         """Builds the accuracy metrics of the stage (samples per problem come from the data module)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
+        data = evaluation_data(self.trainer)
         if stage in ("fit", "validate"):
-            self.val_metrics = accuracy_metrics(_samples_per_problem(datamodule, "val_sampling"), self.pass_at_k)
+            self.val_metrics = accuracy_metrics(_samples_per_problem(data.val_sampling if data is not None else None), self.pass_at_k)
             self.val_groups = GroupAccuracy()
         if stage == "test":
-            n = _samples_per_problem(datamodule, "test_sampling")
+            n = _samples_per_problem(data.test_sampling if data is not None else None)
             self.test_metrics = ModuleDict({
                 eval_set.name: accuracy_metrics(
                     n, self.pass_at_k, majority=eval_set.verifier is None or eval_set.verifier.majority_vote
                 )
-                for eval_set in getattr(datamodule, "test_sets", [])
+                for eval_set in (data.test_sets if data is not None else [])
             })
 
     def validation_step(self, batch: list[Rollout], batch_idx: int) -> None:
@@ -337,10 +339,10 @@ class DistillationModule(pl.LightningModule):
         """Prompts dropped for length, and held-out accuracy of the initial student, logged at step 0."""
         if self.global_step > 0:  # a resumed run logged them when it started
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        metrics = {"data/dropped_prompts": float(getattr(datamodule, "dropped_prompts", 0))}
-        if self.evaluate_before_fit and getattr(datamodule, "val_rows", None):
-            for batch in datamodule.val_dataloader():
+        data = evaluation_data(self.trainer)
+        metrics = {"data/dropped_prompts": float(data.dropped_prompts if data is not None else 0)}
+        if self.evaluate_before_fit and data is not None and data.val_rows:
+            for batch in data.val_dataloader():
                 self.validation_step(batch, 0)
             metrics.update(self._validation_results())
             if self.trainer.is_global_zero and "val/accuracy" in metrics:
@@ -384,9 +386,8 @@ def _check_server_teacher(teacher: str | None, loss: Loss, teacher_server: Serve
         )
 
 
-def _samples_per_problem(datamodule, attribute: str) -> int:
-    """`n` of the data module's sampling settings for an evaluation stage (1 without them)."""
-    sampling = getattr(datamodule, attribute, None)
+def _samples_per_problem(sampling: SamplingConfig | None) -> int:
+    """`n` of an evaluation stage's sampling settings (1 without them)."""
     return sampling.n if sampling is not None else 1
 
 
