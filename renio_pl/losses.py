@@ -62,6 +62,10 @@ class Loss(torch.nn.Module, ABC):
     """
 
     teacher_needs: ClassVar[str] = "vocabulary"  # one of TEACHER_NEEDS
+    # True when the loss reads the completion tokens as the student's own draws from pi_S (a
+    # policy gradient): it cannot train on tokens sampled by another model (TRD's rewrites)
+    needs_own_samples: ClassVar[bool] = False
+    own_samples_reason: ClassVar[str] = ""
 
     def __init__(self, reduction: str = "sample") -> None:
         super().__init__()
@@ -282,6 +286,9 @@ class SampledReverseKL(TopKLoss):
     Args:
         reduction: `sample` or `token` (see `Loss`).
     """
+
+    needs_own_samples = True
+    own_samples_reason = "is a policy gradient over tokens the student sampled"
 
     def __init__(self, reduction: str = "sample") -> None:
         super().__init__(0, reduction)

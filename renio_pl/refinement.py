@@ -24,10 +24,8 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from renio_pl.errors import ConfigError
-from renio_pl.losses import SampledReverseKL
 from renio_pl.prompts import PromptFormat, PromptRow, render_prompt
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutGenerator, SamplingConfig
-from renio_pl.weighters import ReNIOWeighter
 
 __all__ = ["Refiner", "TRD_OPD_TEMPLATE", "TRD_OPSD_TEMPLATE", "refinement_counts", "refinement_metrics"]
 
@@ -139,14 +137,14 @@ class Refiner:
         teacher rejects). Full-vocabulary losses are divergences at each position of `y_r`
         and need no such assumption.
         """
-        if isinstance(module.loss, SampledReverseKL):
+        if module.loss.needs_own_samples:
             raise ConfigError(
-                "model.loss: SampledReverseKL is a policy gradient over tokens the student sampled, but data.refiner "
-                "trains on the rewriter's y_r; use a full-vocabulary loss (ForwardKL, as TRD)"
+                f"model.loss: {type(module.loss).__name__} {module.loss.own_samples_reason}, but data.refiner trains on "
+                "the rewriter's y_r; use a full-vocabulary loss (ForwardKL, as TRD)"
             )
-        if isinstance(module.weighter, ReNIOWeighter):
+        if module.weighter.needs_own_samples:
             raise ConfigError(
-                "model.weighter: ReNIOWeighter reads the student's choices of its own sampled tokens, but data.refiner "
+                f"model.weighter: {type(module.weighter).__name__} {module.weighter.own_samples_reason}, but data.refiner "
                 "trains on the rewriter's y_r; use UniformWeighter (as TRD), LengthWeighter, EntropyWeighter or "
                 "OracleWeighter (labels graded on y_r)"
             )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -77,7 +77,14 @@ def _mean_one(scores: Tensor, valid: Tensor) -> Tensor:
 
 
 class Weighter(torch.nn.Module, ABC):
-    """Base class: `forward(inputs) -> (B,)` weights, detached, finite, >= 0, float32."""
+    """Base class: `forward(inputs) -> (B,)` weights, detached, finite, >= 0, float32.
+
+    `needs_own_samples`: True when the weights read the completion tokens as the student's own
+    choices (they mean nothing on tokens another model sampled, e.g. TRD's rewrites).
+    """
+
+    needs_own_samples: ClassVar[bool] = False
+    own_samples_reason: ClassVar[str] = ""
 
     def forward(self, inputs: WeighterInputs) -> Tensor:
         with torch.no_grad():
@@ -200,6 +207,9 @@ class ReNIOWeighter(Weighter):
         clip_before_threshold: True: `l_t` is clipped to `clip` before the threshold test
             (the release's order); False: the threshold tests the unclipped `l_t`.
     """
+
+    needs_own_samples = True
+    own_samples_reason = "reads the student's choices of its own sampled tokens"
 
     def __init__(
         self,
