@@ -34,8 +34,10 @@ from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from renio_pl.cli import main
 from renio_pl.datamodule import OnPolicyDataModule, balance_shares, batch_sizes
+from renio_pl.logprobs import completion_hidden_states, score_tokens, token_logprobs
+from renio_pl.losses import ForwardKL
 from renio_pl.parallel import shard_student
-from renio_pl.rollouts import SamplingConfig
+from renio_pl.rollouts import HFGenerator, Rollout, SamplingConfig, collate_rollouts
 from renio_pl.weighters import ReNIOWeighter, WeighterInputs
 from tests.conftest import REPO, run_in_own_group, small_fit, tiny_qwen3, tiny_tokenizer
 
@@ -110,6 +112,75 @@ def test_a_rank_whose_sequences_end_first_keeps_decoding_with_the_other_under_fs
              nprocs=2)
     lengths = [len(torch.load(tmp_path / f"out.rank{rank}.pt")) for rank in (0, 1)]
     assert lengths == [2, 6]
+
+
+# --- every process runs the sharded student as often, whatever its share -------------------
+# Per rank: prompts it samples in engine batches of 2 (2 generate calls on rank 0, 1 on rank 1; then 1
+# against none, as a validation set smaller than the process count gives), and the completions whose
+# tokens it scores 3 at a time (the output head: 1 chunk on rank 0, 3 on rank 1).
+LOCKSTEP_PROMPTS = {0: ["1+2=", "What is 3?", "7"], 1: ["12+3=", "9"]}
+LOCKSTEP_FEW = {0: ["4*4="], 1: []}
+LOCKSTEP_SCORED = {0: [[8, 9]], 1: [[8, 9, 10, 11], [12, 13, 14, 15]]}
+
+
+def lockstep_results(student: torch.nn.Module, teacher: torch.nn.Module, rank: int) -> dict:
+    """Rank `rank`'s share: its completions (engine batches of 2) and its tokens' scores (chunks of 3), each
+    scoring followed by a backward."""
+    tokenizer = tiny_tokenizer()
+    engine, sampling = HFGenerator(batch_size=2), SamplingConfig(n=2, temperature=1.0, max_new_tokens=4)
+    results = {}
+    for name, texts in (("prompts", LOCKSTEP_PROMPTS[rank]), ("few", LOCKSTEP_FEW[rank])):
+        prompts = [tokenizer(text)["input_ids"] for text in texts]
+        results[name] = engine.generate(student, tokenizer, prompts, sampling, [7 * i + 1 for i in range(len(prompts))])
+    batch = collate_rollouts([Rollout([5, 6, 7], completion, 0, 1.0) for completion in LOCKSTEP_SCORED[rank]], 0)
+    inputs = (batch.input_ids, batch.attention_mask, batch.prompt_length)
+    student.train()
+    with torch.no_grad():
+        teacher_hidden = completion_hidden_states(teacher, *inputs)
+    scores = score_tokens(completion_hidden_states(student, *inputs), student.get_output_embeddings(), teacher_hidden,
+                          teacher.get_output_embeddings(), batch.completion_ids, batch.completion_mask, 1.0, ForwardKL(), 3)
+    scores.token_loss.sum().backward()
+    logprobs = token_logprobs(completion_hidden_states(student, *inputs), student.get_output_embeddings(),
+                              batch.completion_ids, batch.completion_mask, 3)  # REDI's scoring
+    logprobs.sum().backward()
+    results.update(token_loss=scores.token_loss.detach(), student_logprobs=scores.student_logprobs, logprobs=logprobs.detach())
+    return results
+
+
+def _lockstep_worker(rank: int, init_file: str, models: dict[str, str], out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    student = AutoModelForCausalLM.from_pretrained(models["student"])
+    shard_student(student, init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel")))
+    torch.save(lockstep_results(student, AutoModelForCausalLM.from_pretrained(models["teacher"]), rank), f"{out}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def spawn_lockstep(folder: str, student: str, teacher: str) -> None:
+    """Entry point of the test's launcher process: the two ranks of `_lockstep_worker`."""
+    models = {"student": student, "teacher": teacher}
+    mp.spawn(_lockstep_worker, args=(f"{folder}/init", models, f"{folder}/out"), nprocs=2)
+
+
+def test_ranks_with_more_chunks_than_the_others_sample_and_score_in_step_under_fsdp(model_dirs, tmp_path):
+    """Rank 0 needs 2 generate calls and rank 1 one, then 1 against none; scoring, 1 head chunk against 3.
+    Each generate call and head chunk gathers sharded weights: a rank with one more would wait in its
+    gather (before: until the 30 s timeout or a mismatched collective failed the run). Both finish, with
+    the tokens and scores of the unsharded student on each rank's share."""
+    start = time.time()
+    code = "import sys; from tests.test_distributed import spawn_lockstep; spawn_lockstep(*sys.argv[1:])"
+    done = run_in_own_group([sys.executable, "-c", code, str(tmp_path), str(model_dirs["student"]),
+                             str(model_dirs["teacher"])], timeout=120)
+    print(f"2 FSDP ranks sampled and scored uneven shares in {time.time() - start:.1f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    teacher = AutoModelForCausalLM.from_pretrained(model_dirs["teacher"])
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"out.rank{rank}.pt")
+        expected = lockstep_results(AutoModelForCausalLM.from_pretrained(model_dirs["student"]), teacher, rank)
+        assert [len(got["prompts"]), len(got["few"])] == [len(LOCKSTEP_PROMPTS[rank]), len(LOCKSTEP_FEW[rank])]
+        assert got["prompts"] == expected["prompts"] and got["few"] == expected["few"], rank
+        for name in ("token_loss", "student_logprobs", "logprobs"):
+            assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6), (rank, name)
 
 
 # --- ReNIO `scope: global` over two processes ----------------------------------------------
