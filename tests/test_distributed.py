@@ -164,8 +164,8 @@ def spawn_lockstep(folder: str, student: str, teacher: str) -> None:
 
 def test_ranks_with_more_chunks_than_the_others_sample_and_score_in_step_under_fsdp(model_dirs, tmp_path):
     """Rank 0 needs 2 generate calls and rank 1 one, then 1 against none; scoring, 1 head chunk against 3.
-    Each generate call and head chunk gathers sharded weights: a rank with one more would wait in its
-    gather (before: until the 30 s timeout or a mismatched collective failed the run). Both finish, with
+    Each generate call and head chunk gathers sharded weights: before, a rank with one more waited in its
+    gather (until the 30 s timeout) or met the other's next collective (a size mismatch). Both finish, with
     the tokens and scores of the unsharded student on each rank's share."""
     start = time.time()
     code = "import sys; from tests.test_distributed import spawn_lockstep; spawn_lockstep(*sys.argv[1:])"
@@ -500,6 +500,48 @@ def test_two_ranks_train_the_same_steps_whatever_the_round_shape(strategy, shape
     assert all(steps[0][s]["student"] == steps[1][s]["student"] for s in steps[0])
     stderr = (folder / "stderr.txt").read_text()
     assert (f"left out {left_out} of {prompts * n} rollouts" in stderr) == bool(left_out)
+
+
+class ValidationRecords(pl.Callback):
+    """Per rank, after each validation (not the sanity check): its batches and the logged `val/accuracy`."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.batches = Path(folder), 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.batches += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        record = {"batches": self.batches, "accuracy": float(trainer.callback_metrics["val/accuracy"])}
+        with (self.folder / f"validation.rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.batches = 0
+
+
+@pytest.mark.slow
+def test_fsdp_fit_whose_ranks_hold_uneven_prompt_shares_samples_and_validates_in_step(tied_models, prompt_file, tmp_path):
+    """5 prompts a round and 5 held-out problems on 2 ranks: 3 against 2, sampled 2 at a time (2 generate
+    calls against 1), validated before and after the round. Before, rank 0's extra call met rank 1's next
+    collective (gloo: a size mismatch; else a wait until the 30 s timeout) and the run exited 1; now both
+    train and validate alike, with 2 validation batches against 1."""
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": f"What is {a}*2?", "answer": str(2 * a)}) + "\n" for a in range(5)))
+    folder = tmp_path / "uneven"
+    start = time.time()
+    fit(tied_models, prompt_file, folder, "fsdp", "--data.prompts_per_epoch", "5", "--data.engine.init_args.batch_size",
+        "2", "--data.val_path", str(held_out), "--data.val_batch_size", "2", "--data.val_sampling.max_new_tokens", "5",
+        "--trainer.max_epochs", "1", "--trainer.strategy.init_args.timeout", "0:00:30", timeout=150,
+        callbacks=[{"class_path": "tests.test_distributed.ValidationRecords", "init_args": {"folder": str(folder)}}])
+    print(f"FSDP fit with uneven shares: {time.time() - start:.0f} s")
+    steps = [records(folder, rank)[0] for rank in (0, 1)]
+    assert sorted(steps[0]) == sorted(steps[1]) == [0, 1, 2, 3]  # 10 rollouts, 5 a rank in batches of 2
+    assert all(steps[0][s]["student"] == steps[1][s]["student"] for s in steps[0])
+    assert records(folder, 0)[1][0] != records(folder, 1)[1][0] and len(records(folder, 0)[1][0]) == 3
+    validations = [[json.loads(line) for line in (folder / f"validation.rank{rank}.jsonl").read_text().splitlines()]
+                   for rank in (0, 1)]
+    assert [v["batches"] for v in validations[0]] == [2] and [v["batches"] for v in validations[1]] == [1]  # 3 and 2
+    assert validations[0][0]["accuracy"] == validations[1][0]["accuracy"]  # gathered over both ranks
+    assert "held-out accuracy before training" in (folder / "stderr.txt").read_text()
 
 
 # --- SIGTERM, and a process that dies --------------------------------------------------------
