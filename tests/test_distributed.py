@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from renio_pl.cli import main
 from renio_pl.datamodule import OnPolicyDataModule, balance_shares, batch_sizes
+from renio_pl.evaluators.accuracy import accuracy_metrics, compute_accuracy, update_accuracy
 from renio_pl.logprobs import completion_hidden_states, score_tokens, token_logprobs
 from renio_pl.losses import ForwardKL
 from renio_pl.parallel import shard_student
@@ -181,6 +182,53 @@ def test_ranks_with_more_chunks_than_the_others_sample_and_score_in_step_under_f
         assert got["prompts"] == expected["prompts"] and got["few"] == expected["few"], rank
         for name in ("token_loss", "student_logprobs", "logprobs"):
             assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6), (rank, name)
+
+
+def _graded_nothing_worker(rank: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    metrics = accuracy_metrics(2, [2]).to("cpu")  # as Lightning moves the module's metrics to its device
+    if rank == 0:  # problem 0: right then wrong, both answering 3; problem 1: two wrong answers 4 and 5
+        rollouts = [Rollout([1], [2], problem, 1.0, sample, correct=correct, final_answer=answer)
+                    for problem, sample, correct, answer in ((0, 0, True, "3"), (0, 1, False, "3"),
+                                                             (1, 0, False, "4"), (1, 1, False, "5"))]
+        update_accuracy(metrics, rollouts, torch.device("cpu"))
+    torch.save(compute_accuracy(metrics), f"{out}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def spawn_graded_nothing(folder: str) -> None:
+    mp.spawn(_graded_nothing_worker, args=(f"{folder}/init", f"{folder}/out"), nprocs=2)
+
+
+def test_a_process_that_graded_nothing_gathers_the_others_accuracy_records(tmp_path):
+    """Rank 1 holds no problem (a benchmark smaller than the process count): before, its empty records went
+    out as float32 against rank 0's float64 and the gather failed; now both get the accuracy of the union."""
+    code = "import sys; from tests.test_distributed import spawn_graded_nothing; spawn_graded_nothing(sys.argv[1])"
+    done = run_in_own_group([sys.executable, "-c", code, str(tmp_path)], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):  # avg@2 (1/2 + 0) / 2; maj@2: problem 0's vote 3 is right, problem 1's first answer wrong
+        assert torch.load(tmp_path / f"out.rank{rank}.pt") == {"avg@2": 0.25, "maj@2": 0.5, "pass@2": 0.5}
+
+
+def test_fsdp_test_of_benchmarks_split_unevenly_over_the_ranks_runs_in_step(model_dirs, prompt_file, tmp_path):
+    """`renio-pl test` on 2 FSDP processes: a benchmark of 5 problems (3 against 2, sampled 2 at a time: 2
+    generate calls against 1) and one of 1 (1 call against none, and no records on rank 1); both report."""
+    benchmarks = [{"name": name, "path": str(prompt_file), "split": "train", "prompt_field": "prompt", "limit": limit}
+                  for name, limit in (("five", 5), ("one", 1))]
+    command = small_fit(model_dirs, prompt_file, tmp_path, [], "--config", str(STRATEGIES / "fsdp.yaml"),
+                        "--trainer.strategy.init_args.data_parallel_size", "2",
+                        "--trainer.strategy.init_args.timeout", "0:00:30", launch=lambda command: command,
+                        trainer={"devices": 2}, data={"engine": {"class_path": "renio_pl.rollouts.HFGenerator",
+                                                                 "init_args": {"batch_size": 2}},
+                                                      "test_sets": benchmarks, "val_batch_size": 2,
+                                                      "test_sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 4}})
+    start = time.time()
+    done = run_in_own_group([sys.executable, "-m", "renio_pl.cli", "test", *command[2:]], timeout=150)
+    print(f"FSDP test of uneven benchmarks: {time.time() - start:.0f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("five", "one"):
+        assert f"test/{name}/avg@2" in done.stdout and f"test/{name}/maj@2" in done.stdout
 
 
 # --- ReNIO `scope: global` over two processes ----------------------------------------------
@@ -518,7 +566,6 @@ class ValidationRecords(pl.Callback):
         self.batches = 0
 
 
-@pytest.mark.slow
 def test_fsdp_fit_whose_ranks_hold_uneven_prompt_shares_samples_and_validates_in_step(tied_models, prompt_file, tmp_path):
     """5 prompts a round and 5 held-out problems on 2 ranks: 3 against 2, sampled 2 at a time (2 generate
     calls against 1), validated before and after the round. Before, rank 0's extra call met rank 1's next
