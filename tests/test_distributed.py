@@ -591,6 +591,36 @@ def test_fsdp_fit_whose_ranks_hold_uneven_prompt_shares_samples_and_validates_in
     assert "held-out accuracy before training" in (folder / "stderr.txt").read_text()
 
 
+def test_fsdp_trd_whose_sharded_rewriter_holds_uneven_shares_rewrites_in_step(model_dirs, tmp_path):
+    """OPSD with TRD and a LoRA student under FSDP: the student with its adapter off rewrites, so the rewrites
+    are sampled through the sharded weights. 5 rollouts a round, 3 against 2, rewritten 2 at a time (2 calls
+    against 1; the round itself in one call each): before, the run failed in the extra call's gathers."""
+    data = tmp_path / "with_solutions.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a}+{a + 1}?", "answer": str(2 * a + 1),
+                                        "solution": f"{a}+{a + 1}={2 * a + 1}"}) + "\n" for a in range(12)))
+    folder = tmp_path / "trd"
+    records_callback = {"class_path": "tests.test_distributed.RankRecords", "init_args": {"folder": str(folder)}}
+    rewriter_engine = {"class_path": "renio_pl.rollouts.HFGenerator", "init_args": {"batch_size": 2}}
+    start = time.time()
+    done = small_fit(
+        model_dirs, data, folder, [records_callback], "--config", str(STRATEGIES / "fsdp.yaml"),
+        "--trainer.strategy.init_args.data_parallel_size", "2", "--trainer.strategy.init_args.timeout", "0:00:30",
+        trainer={"devices": 2, "max_epochs": 1},
+        model={"teacher": None, "student_lora": {"r": 4, "alpha": 8},
+               "weighter": {"class_path": "renio_pl.weighters.UniformWeighter"}},
+        data={"prompts_per_epoch": 5, "sampling": {"n": 1, "temperature": 1.0, "max_new_tokens": 5},
+              "solution_field": "solution", "refiner": {"class_path": "renio_pl.refinement.Refiner", "init_args": {
+                  "schedule": "every_round", "engine": rewriter_engine,
+                  "sampling": {"n": 1, "temperature": 0.6, "max_new_tokens": 5}}}},
+        timeout=150,
+    )
+    print(f"FSDP TRD with uneven shares: {time.time() - start:.0f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [records(folder, rank)[0] for rank in (0, 1)]
+    assert sorted(steps[0]) == sorted(steps[1]) == [0, 1, 2]  # 5 rewrites: 3 and 2, each in 2 batches of <= 2
+    assert all(steps[0][s]["student"] == steps[1][s]["student"] for s in steps[0])
+
+
 # --- SIGTERM, and a process that dies --------------------------------------------------------
 class SignalAt(pl.Callback):
     """At the end of step `step` on rank `rank`: write the time to `folder/signal_time`, then send `signal_name`
