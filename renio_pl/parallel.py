@@ -74,8 +74,9 @@ def shard_student(student: torch.nn.Module, device_mesh: DeviceMesh) -> None:
 def runs_collectives(model: torch.nn.Module) -> bool:
     """Whether a forward of `model` is a collective: it is FSDP-managed and several processes run.
 
-    `model` is the student `shard_student` sharded (or its output head, a group of its own), or
-    any other module: the frozen teacher and a DDP student compute alone.
+    `model` is the student `shard_student` sharded (or its output head, in a sharded group), or
+    any other module: the frozen teacher and a DDP student compute alone. The answer is the same
+    on every process, which all run the same strategy.
     """
     sharded = isinstance(model, FSDPModule) or getattr(model, "_is_fsdp_managed_module", False)
     return bool(sharded) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -90,6 +91,8 @@ def lockstep_slices(total: int, size: int, model: torch.nn.Module) -> list[slice
     agree on the most chunks any of them has (one `all_reduce` of a single integer), and a process
     with fewer gets empty chunks, `slice(total, total)`, after its own: it runs the model on
     nothing (or on a throwaway input) and discards the result. Otherwise there is no communication.
+    The count travels as a (1,) int64 tensor on the model's device over the default process
+    group, which FSDP's data-parallel mesh spans (`tensor_parallel_size` is 1).
 
     Args:
         total: items on this process (prompts, scored tokens); may be 0.
