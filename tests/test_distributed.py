@@ -37,7 +37,7 @@ from renio_pl.datamodule import OnPolicyDataModule, balance_shares, batch_sizes
 from renio_pl.evaluators.accuracy import accuracy_metrics, compute_accuracy, update_accuracy
 from renio_pl.logprobs import completion_hidden_states, score_tokens, token_logprobs
 from renio_pl.losses import ForwardKL
-from renio_pl.parallel import shard_student
+from renio_pl.parallel import lockstep_slices, shard_student
 from renio_pl.rollouts import HFGenerator, Rollout, SamplingConfig, collate_rollouts
 from renio_pl.weighters import ReNIOWeighter, WeighterInputs
 from tests.conftest import REPO, run_in_own_group, small_fit, tiny_qwen3, tiny_tokenizer
@@ -122,6 +122,12 @@ def test_a_rank_whose_sequences_end_first_keeps_decoding_with_the_other_under_fs
 LOCKSTEP_PROMPTS = {0: ["1+2=", "What is 3?", "7"], 1: ["12+3=", "9"]}
 LOCKSTEP_FEW = {0: ["4*4="], 1: []}
 LOCKSTEP_SCORED = {0: [[8, 9]], 1: [[8, 9, 10, 11], [12, 13, 14, 15]]}
+
+
+def test_lockstep_slices_of_a_module_that_computes_alone_are_its_own_chunks():
+    alone = torch.nn.Linear(2, 2)  # no FSDP, no process group: no communication, no padding
+    assert lockstep_slices(5, 2, alone) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert lockstep_slices(4, 2, alone) == [slice(0, 2), slice(2, 4)] and lockstep_slices(0, 2, alone) == []
 
 
 def lockstep_results(student: torch.nn.Module, teacher: torch.nn.Module, rank: int) -> dict:
