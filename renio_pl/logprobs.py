@@ -6,7 +6,9 @@ same completion tokens after their own prompt; logits come from
 
 Memory: the decoders return hidden states `(B, L, H)`; logits are made from them only for
 `chunk_tokens` generated positions at a time, inside activation checkpointing, so neither the
-forward nor the backward ever holds `(B, T, V)` float logits for the whole batch.
+forward nor the backward ever holds `(B, T, V)` float logits for the whole batch. Under FSDP
+the student's output head runs as many chunks on every process (`renio_pl.parallel.lockstep_slices`):
+a process with fewer generated tokens than another runs it on empty chunks.
 
 Shapes use the package glossary (`renio_pl/__init__.py`): `B` rollouts, `T` completion tokens, `T_prompt` the padded
 prompt width, `L = T_prompt + T`, `N` the batch's completion tokens packed, `C` a chunk of them,
@@ -22,6 +24,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from renio_pl.losses import Loss, TeacherTopK, TopKLoss
+from renio_pl.parallel import lockstep_slices
 
 __all__ = [
     "TokenScores", "completion_hidden_states", "score_tokens", "score_tokens_top_k", "token_logprobs", "position_ids",
@@ -182,7 +185,8 @@ def _score_in_chunks(
         score_chunk: returns four (C,) tensors: loss, student / teacher log-prob, entropy.
         student_hidden: (B, T, H_S).
         per_token: tensors (B, T, ...) cut at the same masked positions.
-        constants: the remaining arguments, passed unchanged.
+        constants: the remaining arguments, passed unchanged; the first is the student's output
+            head, run by as many chunks (some maybe empty) on every process under FSDP.
         mask: (B, T) bool.
         chunk_tokens: positions per chunk.
     """
@@ -191,8 +195,7 @@ def _score_in_chunks(
     flat_per_token = [values[mask] for values in per_token]  # each (N, ...)
     use_checkpoint = torch.is_grad_enabled() and flat_student.requires_grad
     pieces = []
-    for start in range(0, flat_student.shape[0], chunk_tokens):
-        chunk = slice(start, start + chunk_tokens)
+    for chunk in lockstep_slices(flat_student.shape[0], chunk_tokens, constants[0]):
         args = (flat_student[chunk], *(values[chunk] for values in flat_per_token), *constants)
         pieces.append(checkpoint(score_chunk, *args, use_reentrant=False) if use_checkpoint else score_chunk(*args))
     if pieces:
@@ -205,7 +208,7 @@ def _score_in_chunks(
         return full.masked_scatter(mask, values.float())
 
     token_loss, student_sampled, teacher_sampled, entropy = (unflatten(column) for column in columns)
-    if not pieces:  # nothing generated: keep the loss attached to the graph so backward still works
+    if not flat_student.shape[0]:  # nothing generated: keep the loss attached to the graph so backward still works
         token_loss = token_loss + 0.0 * student_hidden.sum()
     return TokenScores(student_sampled.detach(), teacher_sampled.detach(), entropy.detach(), token_loss)
 
@@ -235,10 +238,10 @@ def token_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, mask:
     flat_hidden, flat_targets = hidden[mask], targets[mask]  # (N, H), (N,)
     use_checkpoint = torch.is_grad_enabled() and flat_hidden.requires_grad
     pieces = []
-    for start in range(0, flat_targets.numel(), chunk_tokens):
-        args = (flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens], head)
-        chunk = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if use_checkpoint else _chunk_logprobs(*args)
-        pieces.append(chunk)  # (C,)
+    for chunk in lockstep_slices(flat_targets.numel(), chunk_tokens, head):  # under FSDP: as many on every process
+        args = (flat_hidden[chunk], flat_targets[chunk], head)
+        logprobs = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if use_checkpoint else _chunk_logprobs(*args)
+        pieces.append(logprobs)  # (C,)
     flat = torch.cat(pieces) if pieces else flat_hidden.new_zeros(0, dtype=torch.float32)
     full = flat.new_zeros(mask.shape).masked_scatter(mask, flat)
-    return full if pieces else full + 0.0 * hidden.sum()  # nothing to score: keep the graph for backward
+    return full if flat_targets.numel() else full + 0.0 * hidden.sum()  # nothing to score: keep the graph for backward

@@ -174,7 +174,8 @@ class Refiner:
         """One rewrite `y_r` of each attempt `y_o`, ungraded.
 
         Attempts whose rewrite prompt and `sampling.max_new_tokens` do not fit in the
-        rewriter's context (`max_position_embeddings`) are left out, with a warning.
+        rewriter's context (`max_position_embeddings`) are left out, with a warning. Call it on
+        every process, whatever its attempts: a sharded rewriter samples in step with the others.
 
         Args:
             attempts_B: the student's rollouts, with their decoded `text`.
@@ -195,9 +196,7 @@ class Refiner:
                 "rewriter's context of %d tokens", len(attempts_B) - len(kept), len(attempts_B),
                 self.sampling.max_new_tokens, context,
             )
-        if not kept:
-            return []
-        engine = self.engine or data_engine
+        engine = self.engine or data_engine  # called even with no prompt: under FSDP every process samples in step
         prompts, seeds = [prompts_B[i] for i in kept], [seeds_B[i] for i in kept]
         rewrites = engine.generate(rewriter, tokenizer, prompts, self.sampling, seeds)
         refined = []

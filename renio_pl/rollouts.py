@@ -23,6 +23,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 
 from renio_pl.errors import ConfigError
+from renio_pl.parallel import lockstep_slices
 from renio_pl.progress import GenerationProgress
 from renio_pl.sampling import KeyedGumbelSampler, stream_key
 
@@ -198,6 +199,9 @@ class RolloutGenerator(ABC):
         Sample `j` of prompt `i` draws from the random stream `stream_key(seeds_P[i], j)`
         (`renio_pl.sampling`), so it does not depend on the batch it is generated in.
 
+        With several processes every process calls it as often, `prompts_P` maybe empty: an
+        engine whose sampling gathers a sharded model's weights keeps the processes in step.
+
         Returns:
             `completions_P_G`: token ids per prompt and sample, each ending at (and including)
             the first EOS, or `max_new_tokens` long when the model did not stop.
@@ -210,6 +214,10 @@ class HFGenerator(RolloutGenerator):
     Sampling is exactly what `SamplingConfig` says: the checkpoint's own
     `generation_config.json` (Qwen3 ships temperature 0.6, top_k 20) is set aside while
     generating, so the tokens are drawn from the distribution the loss scores them under.
+
+    Under FSDP every process makes as many `generate` calls: one with fewer chunks of
+    `batch_size` prompts than another (none, even) makes up the difference with calls on a
+    throwaway prompt (`renio_pl.parallel.lockstep_slices`).
 
     Args:
         batch_size: prompts per `generate` call (each expands to `n` sequences).
@@ -246,11 +254,13 @@ class HFGenerator(RolloutGenerator):
         progress = GenerationProgress(len(prompts_P) * sampling.n, eos_ids, disable=len(prompts_P) * sampling.n < 64)
         try:
             with _own_generation_config(model, config), progress:
-                for start in range(0, len(prompts_P), self.batch_size):
-                    chunk = prompts_P[start : start + self.batch_size]
-                    rows = [p for p in chunk for _ in range(sampling.n)]  # prompt-major: row i * n + j
-                    keys = [stream_key(seed, j) for seed in seeds_P[start : start + len(chunk)] for j in range(sampling.n)]
-                    width = max(len(p) for p in chunk)
+                for chunk in lockstep_slices(len(prompts_P), self.batch_size, model):
+                    if chunk.start == chunk.stop:  # the other processes' extra call: same steps, output unused
+                        _generate_discarded(model, tokenizer, config, device)
+                        continue
+                    rows = [p for p in prompts_P[chunk] for _ in range(sampling.n)]  # prompt-major: row i * n + j
+                    keys = [stream_key(seed, j) for seed in seeds_P[chunk] for j in range(sampling.n)]
+                    width = max(len(p) for p in prompts_P[chunk])
                     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in rows], device=device)
                     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=device)
                     processors = LogitsProcessorList([progress])
@@ -266,13 +276,25 @@ class HFGenerator(RolloutGenerator):
                         logits_processor=processors,
                     )
                     sequences = output[:, width:].tolist()  # (len(chunk) * n, <= max_new_tokens)
-                    for i in range(len(chunk)):
+                    for i in range(chunk.stop - chunk.start):
                         group = sequences[i * sampling.n : (i + 1) * sampling.n]
                         completions_P_G.append([_cut_at_eos(s, eos_ids) for s in group])
-                    progress.finish_call([c for group in completions_P_G[start:] for c in group])
+                    progress.finish_call([c for group in completions_P_G[chunk] for c in group])
         finally:
             model.train(was_training)
         return completions_P_G
+
+
+def _generate_discarded(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig, device: torch.device
+) -> None:
+    """One `generate` call on a one-token throwaway prompt, (1, 1), whose output is dropped.
+
+    Under FSDP it keeps this process in step with one that has a chunk of prompts more
+    (`renio_pl.parallel.lockstep_slices`): `synced_gpus` runs it for as many decoding steps.
+    """
+    prompt = torch.tensor([[tokenizer.pad_token_id]], device=device)
+    model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
 
 
 @contextmanager

@@ -137,6 +137,8 @@ class VLLMGenerator(RolloutGenerator):
 
         if len(seeds_P) != len(prompts_P):
             raise ValueError(f"one seed per prompt: {len(prompts_P)} prompts, {len(seeds_P)} seeds")
+        if not prompts_P:  # a process left with no prompt (the refiner dropped all its rewrites)
+            return []
         if self.llm is None:
             self.build(model)
         self.sync_weights(model)

@@ -35,8 +35,10 @@ from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 from renio_pl.cli import main
 from renio_pl.datamodule import OnPolicyDataModule, balance_shares, batch_sizes
 from renio_pl.evaluators.accuracy import accuracy_metrics, compute_accuracy, update_accuracy
-from renio_pl.parallel import shard_student
-from renio_pl.rollouts import Rollout, SamplingConfig
+from renio_pl.logprobs import completion_hidden_states, score_tokens, token_logprobs
+from renio_pl.losses import ForwardKL
+from renio_pl.parallel import lockstep_slices, shard_student
+from renio_pl.rollouts import HFGenerator, Rollout, SamplingConfig, collate_rollouts
 from renio_pl.weighters import ReNIOWeighter, WeighterInputs
 from tests.conftest import REPO, run_in_own_group, small_fit, tiny_qwen3, tiny_tokenizer
 
@@ -113,25 +115,131 @@ def test_a_rank_whose_sequences_end_first_keeps_decoding_with_the_other_under_fs
     assert lengths == [2, 6]
 
 
-# --- held-out accuracy when one process graded nothing ------------------------------------------
-def _accuracy_worker(rank: int, init_file: str, out: str) -> None:
+# --- every process runs the sharded student as often, whatever its share -------------------
+# Per rank: prompts it samples in engine batches of 2 (2 generate calls on rank 0, 1 on rank 1; then 1
+# against none, as a validation set smaller than the process count gives), and the completions whose
+# tokens it scores 3 at a time (the output head: 1 chunk on rank 0, 3 on rank 1).
+LOCKSTEP_PROMPTS = {0: ["1+2=", "What is 3?", "7"], 1: ["12+3=", "9"]}
+LOCKSTEP_FEW = {0: ["4*4="], 1: []}
+LOCKSTEP_SCORED = {0: [[8, 9]], 1: [[8, 9, 10, 11], [12, 13, 14, 15]]}
+
+
+def test_lockstep_slices_of_a_module_that_computes_alone_are_its_own_chunks():
+    alone = torch.nn.Linear(2, 2)  # no FSDP, no process group: no communication, no padding
+    assert lockstep_slices(5, 2, alone) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert lockstep_slices(4, 2, alone) == [slice(0, 2), slice(2, 4)] and lockstep_slices(0, 2, alone) == []
+
+
+def lockstep_results(student: torch.nn.Module, teacher: torch.nn.Module, rank: int) -> dict:
+    """Rank `rank`'s share: its completions (engine batches of 2) and its tokens' scores (chunks of 3), each
+    scoring followed by a backward."""
+    tokenizer = tiny_tokenizer()
+    engine, sampling = HFGenerator(batch_size=2), SamplingConfig(n=2, temperature=1.0, max_new_tokens=4)
+    results = {}
+    for name, texts in (("prompts", LOCKSTEP_PROMPTS[rank]), ("few", LOCKSTEP_FEW[rank])):
+        prompts = [tokenizer(text)["input_ids"] for text in texts]
+        results[name] = engine.generate(student, tokenizer, prompts, sampling, [7 * i + 1 for i in range(len(prompts))])
+    batch = collate_rollouts([Rollout([5, 6, 7], completion, 0, 1.0) for completion in LOCKSTEP_SCORED[rank]], 0)
+    inputs = (batch.input_ids, batch.attention_mask, batch.prompt_length)
+    student.train()
+    with torch.no_grad():
+        teacher_hidden = completion_hidden_states(teacher, *inputs)
+    scores = score_tokens(completion_hidden_states(student, *inputs), student.get_output_embeddings(), teacher_hidden,
+                          teacher.get_output_embeddings(), batch.completion_ids, batch.completion_mask, 1.0, ForwardKL(), 3)
+    scores.token_loss.sum().backward()
+    logprobs = token_logprobs(completion_hidden_states(student, *inputs), student.get_output_embeddings(),
+                              batch.completion_ids, batch.completion_mask, 3)  # REDI's scoring
+    logprobs.sum().backward()
+    results.update(token_loss=scores.token_loss.detach(), student_logprobs=scores.student_logprobs, logprobs=logprobs.detach())
+    return results
+
+
+def _lockstep_worker(rank: int, init_file: str, models: dict[str, str], out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    metrics = accuracy_metrics(n=2, pass_at_k=[2])
-    graded = [Rollout([1], [2], 0, 1.0, 0, "3", True, r"\boxed{3}", "3"), Rollout([1], [2], 0, 1.0, 1, "3", False, r"\boxed{4}", "4")]
+                            timeout=timedelta(seconds=30))
+    student = AutoModelForCausalLM.from_pretrained(models["student"])
+    shard_student(student, init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel")))
+    torch.save(lockstep_results(student, AutoModelForCausalLM.from_pretrained(models["teacher"]), rank), f"{out}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def spawn_lockstep(folder: str, student: str, teacher: str) -> None:
+    """Entry point of the test's launcher process: the two ranks of `_lockstep_worker`."""
+    models = {"student": student, "teacher": teacher}
+    mp.spawn(_lockstep_worker, args=(f"{folder}/init", models, f"{folder}/out"), nprocs=2)
+
+
+def test_ranks_with_more_chunks_than_the_others_sample_and_score_in_step_under_fsdp(model_dirs, tmp_path):
+    """Rank 0 needs 2 generate calls and rank 1 one, then 1 against none; scoring, 1 head chunk against 3.
+    Each generate call and head chunk gathers sharded weights: before, a rank with one more waited in its
+    gather (until the 30 s timeout) or met the other's next collective (a size mismatch). Both finish, with
+    the tokens and scores of the unsharded student on each rank's share."""
+    start = time.time()
+    code = "import sys; from tests.test_distributed import spawn_lockstep; spawn_lockstep(*sys.argv[1:])"
+    done = run_in_own_group([sys.executable, "-c", code, str(tmp_path), str(model_dirs["student"]),
+                             str(model_dirs["teacher"])], timeout=120)
+    print(f"2 FSDP ranks sampled and scored uneven shares in {time.time() - start:.1f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    teacher = AutoModelForCausalLM.from_pretrained(model_dirs["teacher"])
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"out.rank{rank}.pt")
+        expected = lockstep_results(AutoModelForCausalLM.from_pretrained(model_dirs["student"]), teacher, rank)
+        assert [len(got["prompts"]), len(got["few"])] == [len(LOCKSTEP_PROMPTS[rank]), len(LOCKSTEP_FEW[rank])]
+        assert got["prompts"] == expected["prompts"] and got["few"] == expected["few"], rank
+        for name in ("token_loss", "student_logprobs", "logprobs"):
+            assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6), (rank, name)
+
+
+def _graded_nothing_worker(rank: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    metrics = accuracy_metrics(2, [2]).to("cpu")  # as Lightning moves the module's metrics to its device
+    # problem 0: right then wrong, both answering 3; problem 1: two wrong answers 4 and 5
+    rollouts = [Rollout([1], [2], problem, 1.0, sample, correct=correct, final_answer=answer)
+                for problem, sample, correct, answer in ((0, 0, True, "3"), (0, 1, False, "3"),
+                                                         (1, 0, False, "4"), (1, 1, False, "5"))]
     results = []
-    for round_rollouts in (graded, [], graded):  # rank 1 never grades; in round 2 nobody does
-        update_accuracy(metrics, round_rollouts if rank == 0 else [], torch.device("cpu"))
+    for graded in (rollouts, [], rollouts):  # rank 1 never grades; in the second evaluation nobody does
+        update_accuracy(metrics, graded if rank == 0 else [], torch.device("cpu"))
         results.append(compute_accuracy(metrics))
     torch.save(results, f"{out}.rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_accuracy_over_two_processes_when_one_or_both_graded_nothing(tmp_path):
-    """Rank 1 holds no record; then neither does: both get the same results, and the metrics stay usable."""
-    mp.spawn(_accuracy_worker, args=(str(tmp_path / "init"), str(tmp_path / "accuracy")), nprocs=2)
-    expected = [{"avg@2": 0.5, "maj@2": 1.0, "pass@2": 1.0}, {}, {"avg@2": 0.5, "maj@2": 1.0, "pass@2": 1.0}]
-    assert [torch.load(tmp_path / f"accuracy.rank{rank}.pt") for rank in (0, 1)] == [expected, expected]
+def spawn_graded_nothing(folder: str) -> None:
+    mp.spawn(_graded_nothing_worker, args=(f"{folder}/init", f"{folder}/out"), nprocs=2)
+
+
+def test_a_process_that_graded_nothing_gathers_the_others_accuracy_records(tmp_path):
+    """Rank 1 holds no problem (a benchmark smaller than the process count): its empty records go out as
+    float64 like rank 0's, and both get the accuracy of the union. Then no process holds any: both get
+    no accuracy, and the metrics still work for the next evaluation."""
+    code = "import sys; from tests.test_distributed import spawn_graded_nothing; spawn_graded_nothing(sys.argv[1])"
+    done = run_in_own_group([sys.executable, "-c", code, str(tmp_path)], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    union = {"avg@2": 0.25, "maj@2": 0.5, "pass@2": 0.5}  # avg@2 (1/2 + 0) / 2; maj@2: problem 0's vote 3 is right
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"out.rank{rank}.pt") == [union, {}, union]
+
+
+def test_fsdp_test_of_benchmarks_split_unevenly_over_the_ranks_runs_in_step(model_dirs, prompt_file, tmp_path):
+    """`renio-pl test` on 2 FSDP processes: a benchmark of 5 problems (3 against 2, sampled 2 at a time: 2
+    generate calls against 1) and one of 1 (1 call against none, and no records on rank 1); both report."""
+    benchmarks = [{"name": name, "path": str(prompt_file), "split": "train", "prompt_field": "prompt", "limit": limit}
+                  for name, limit in (("five", 5), ("one", 1))]
+    command = small_fit(model_dirs, prompt_file, tmp_path, [], "--config", str(STRATEGIES / "fsdp.yaml"),
+                        "--trainer.strategy.init_args.data_parallel_size", "2",
+                        "--trainer.strategy.init_args.timeout", "0:00:30", launch=lambda command: command,
+                        trainer={"devices": 2}, data={"engine": {"class_path": "renio_pl.rollouts.HFGenerator",
+                                                                 "init_args": {"batch_size": 2}},
+                                                      "test_sets": benchmarks, "val_batch_size": 2,
+                                                      "test_sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 4}})
+    start = time.time()
+    done = run_in_own_group([sys.executable, "-m", "renio_pl.cli", "test", *command[2:]], timeout=150)
+    print(f"FSDP test of uneven benchmarks: {time.time() - start:.0f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("five", "one"):
+        assert f"test/{name}/avg@2" in done.stdout and f"test/{name}/maj@2" in done.stdout
 
 
 # --- ReNIO `scope: global` over two processes ----------------------------------------------
@@ -451,6 +559,77 @@ def test_two_ranks_train_the_same_steps_whatever_the_round_shape(strategy, shape
     assert all(steps[0][s]["student"] == steps[1][s]["student"] for s in steps[0])
     stderr = (folder / "stderr.txt").read_text()
     assert (f"left out {left_out} of {prompts * n} rollouts" in stderr) == bool(left_out)
+
+
+class ValidationRecords(pl.Callback):
+    """Per rank, after each validation (not the sanity check): its batches and the logged `val/accuracy`."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.batches = Path(folder), 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.batches += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        record = {"batches": self.batches, "accuracy": float(trainer.callback_metrics["val/accuracy"])}
+        with (self.folder / f"validation.rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.batches = 0
+
+
+def test_fsdp_fit_whose_ranks_hold_uneven_prompt_shares_samples_and_validates_in_step(tied_models, prompt_file, tmp_path):
+    """5 prompts a round and 5 held-out problems on 2 ranks: 3 against 2, sampled 2 at a time (2 generate
+    calls against 1), validated before and after the round. Before, rank 0's extra call met rank 1's next
+    collective (gloo: a size mismatch; else a wait until the 30 s timeout) and the run exited 1; now both
+    train and validate alike, with 2 validation batches against 1."""
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": f"What is {a}*2?", "answer": str(2 * a)}) + "\n" for a in range(5)))
+    folder = tmp_path / "uneven"
+    start = time.time()
+    fit(tied_models, prompt_file, folder, "fsdp", "--data.prompts_per_epoch", "5", "--data.engine.init_args.batch_size",
+        "2", "--data.val_path", str(held_out), "--data.val_batch_size", "2", "--data.val_sampling.max_new_tokens", "5",
+        "--trainer.max_epochs", "1", "--trainer.strategy.init_args.timeout", "0:00:30", timeout=150,
+        callbacks=[{"class_path": "tests.test_distributed.ValidationRecords", "init_args": {"folder": str(folder)}}])
+    print(f"FSDP fit with uneven shares: {time.time() - start:.0f} s")
+    steps = [records(folder, rank)[0] for rank in (0, 1)]
+    assert sorted(steps[0]) == sorted(steps[1]) == [0, 1, 2, 3]  # 10 rollouts, 5 a rank in batches of 2
+    assert all(steps[0][s]["student"] == steps[1][s]["student"] for s in steps[0])
+    assert records(folder, 0)[1][0] != records(folder, 1)[1][0] and len(records(folder, 0)[1][0]) == 3
+    validations = [[json.loads(line) for line in (folder / f"validation.rank{rank}.jsonl").read_text().splitlines()]
+                   for rank in (0, 1)]
+    assert [v["batches"] for v in validations[0]] == [2] and [v["batches"] for v in validations[1]] == [1]  # 3 and 2
+    assert validations[0][0]["accuracy"] == validations[1][0]["accuracy"]  # gathered over both ranks
+    assert "held-out accuracy before training" in (folder / "stderr.txt").read_text()
+
+
+def test_fsdp_trd_whose_sharded_rewriter_holds_uneven_shares_rewrites_in_step(model_dirs, tmp_path):
+    """OPSD with TRD and a LoRA student under FSDP: the student with its adapter off rewrites, so the rewrites
+    are sampled through the sharded weights. 5 rollouts a round, 3 against 2, rewritten 2 at a time (2 calls
+    against 1; the round itself in one call each): before, the run failed in the extra call's gathers."""
+    data = tmp_path / "with_solutions.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a}+{a + 1}?", "answer": str(2 * a + 1),
+                                        "solution": f"{a}+{a + 1}={2 * a + 1}"}) + "\n" for a in range(12)))
+    folder = tmp_path / "trd"
+    records_callback = {"class_path": "tests.test_distributed.RankRecords", "init_args": {"folder": str(folder)}}
+    rewriter_engine = {"class_path": "renio_pl.rollouts.HFGenerator", "init_args": {"batch_size": 2}}
+    start = time.time()
+    done = small_fit(
+        model_dirs, data, folder, [records_callback], "--config", str(STRATEGIES / "fsdp.yaml"),
+        "--trainer.strategy.init_args.data_parallel_size", "2", "--trainer.strategy.init_args.timeout", "0:00:30",
+        trainer={"devices": 2, "max_epochs": 1},
+        model={"teacher": None, "student_lora": {"r": 4, "alpha": 8},
+               "weighter": {"class_path": "renio_pl.weighters.UniformWeighter"}},
+        data={"prompts_per_epoch": 5, "sampling": {"n": 1, "temperature": 1.0, "max_new_tokens": 5},
+              "solution_field": "solution", "refiner": {"class_path": "renio_pl.refinement.Refiner", "init_args": {
+                  "schedule": "every_round", "engine": rewriter_engine,
+                  "sampling": {"n": 1, "temperature": 0.6, "max_new_tokens": 5}}}},
+        timeout=150,
+    )
+    print(f"FSDP TRD with uneven shares: {time.time() - start:.0f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [records(folder, rank)[0] for rank in (0, 1)]
+    assert sorted(steps[0]) == sorted(steps[1]) == [0, 1, 2]  # 5 rewrites: 3 and 2, each in 2 batches of <= 2
+    assert all(steps[0][s]["student"] == steps[1][s]["student"] for s in steps[0])
 
 
 # --- SIGTERM, and a process that dies --------------------------------------------------------
