@@ -7,13 +7,13 @@ model of your own works with ours when it provides the protocol's members.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["EvaluationData", "RolloutPolicy", "evaluation_data"]
+__all__ = ["EvaluationData", "RolloutPolicy", "Teaching", "evaluation_data"]
 
 
 @runtime_checkable
@@ -44,15 +44,21 @@ class RolloutPolicy(Protocol):
     """What the data module reads from `trainer.lightning_module`.
 
     Attributes:
-        student: the policy rollouts are sampled from (the engine reads its current weights).
+        student: the policy rollouts are sampled from (the engine reads its current weights,
+            and prompts must fit its context).
         device: where the data module's counts are reduced across processes.
     """
 
     student: torch.nn.Module
     device: torch.device
 
+
+@runtime_checkable
+class Teaching(Protocol):
+    """What TRD's refiner also needs of the model: the model that rewrites the rollouts."""
+
     def teaching(self) -> AbstractContextManager[torch.nn.Module]:
-        """The model that teaches (the OPD teacher, or for OPSD the student's base weights), for TRD's rewrites."""
+        """The model that teaches (the OPD teacher, or for OPSD the student's base weights)."""
         ...
 
 

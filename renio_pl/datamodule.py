@@ -341,7 +341,7 @@ class OnPolicyDataModule(pl.LightningDataModule):
         return getattr(config, "max_position_embeddings", None)
 
     def _policy(self) -> RolloutPolicy | None:
-        """The attached model, when it provides `RolloutPolicy` (the student to sample, the teacher to rewrite)."""
+        """The attached model, when it provides `RolloutPolicy` (the student rollouts are sampled from)."""
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         return module if isinstance(module, RolloutPolicy) else None
 

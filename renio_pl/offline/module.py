@@ -6,8 +6,9 @@ never exist at once), then reduce them with the `TraceLoss` the config picks
 (`renio_pl.losses.SFTLoss` for stage 1, `REDILoss` for stage 2). There is no teacher model
 and no weighter: the teacher's knowledge is in the traces, its quality in their labels.
 
-Held-out accuracy, benchmarks (`test` / `predict`), the optimizer and scheduler and the
-divergence guard are `DistillationModule`'s, inherited unchanged.
+Loading the student, held-out accuracy, benchmarks (`test` / `predict`), the optimizer and
+scheduler and the divergence guard are `renio_pl.student.StudentModule`'s, shared with
+on-policy distillation.
 
 Shapes use the package glossary (`renio_pl/__init__.py`): `B` records, `R` rows (`B` positives, then `B`
 negatives in stage `redi`), `T` completion tokens, `H` hidden size, `V` vocabulary, `N` the
@@ -15,8 +16,6 @@ batch's completion tokens packed.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from jsonargparse import lazy_instance
@@ -28,15 +27,15 @@ from renio_pl.guards import check_fit_setup
 from renio_pl.logprobs import completion_hidden_states, token_logprobs
 from renio_pl.losses import SFTLoss, TraceLoss, length_normalized_logprobs
 from renio_pl.models import DType, LoRA
-from renio_pl.module import DistillationModule, components_outside_cli
 from renio_pl.paths import InputPath
 from renio_pl.offline.datamodule import TraceBatch, TraceDataModule
 from renio_pl.rollouts import RolloutBatch
+from renio_pl.student import StudentModule, components_outside_cli
 
 __all__ = ["OfflineDistillationModule"]
 
 
-class OfflineDistillationModule(DistillationModule):
+class OfflineDistillationModule(StudentModule):
     """SFT or REDI of a student on offline teacher traces (`TraceDataModule`).
 
     Args:
@@ -69,15 +68,12 @@ class OfflineDistillationModule(DistillationModule):
         evaluate_before_fit: bool = True,
         pass_at_k: list[int] = [4],
     ) -> None:
-        with warnings.catch_warnings():  # the base class's save_hyperparameters also sees `objective`; dropped below
-            warnings.filterwarnings("ignore", message="Attribute 'objective' is an instance of `nn.Module`")
-            super().__init__(
-                student, dtype=dtype, student_lora=student_lora, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                chunk_tokens=chunk_tokens, gradient_checkpointing=gradient_checkpointing,
-                evaluate_before_fit=evaluate_before_fit, pass_at_k=pass_at_k,
-            )
-        # `teacher` (None) is the base class's; dropped so that `load_from_checkpoint` rebuilds this class
-        self.save_hyperparameters(ignore=["teacher", *components_outside_cli("objective", "optimizer", "lr_scheduler")])
+        super().__init__(
+            student, dtype=dtype, student_lora=student_lora, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            chunk_tokens=chunk_tokens, gradient_checkpointing=gradient_checkpointing,
+            evaluate_before_fit=evaluate_before_fit, pass_at_k=pass_at_k,
+        )
+        self.save_hyperparameters(ignore=components_outside_cli("objective", "optimizer", "lr_scheduler"))
         self.objective = objective
 
     def setup(self, stage: str) -> None:
@@ -132,7 +128,7 @@ class OfflineDistillationModule(DistillationModule):
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
 
     def on_train_start(self) -> None:
-        """As `DistillationModule`'s (held-out accuracy at step 0), plus the trace counts."""
+        """As `StudentModule`'s (held-out accuracy at step 0), plus the trace counts."""
         super().on_train_start()
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.global_step > 0 or not isinstance(datamodule, TraceDataModule):
