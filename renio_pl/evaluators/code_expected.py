@@ -17,12 +17,10 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-from renio_pl.evaluators import harness
 from renio_pl.evaluators.code_oracles import MBPP_NOT_NONE
-from renio_pl.evaluators.code_problems import STAGES, Problem, data_path, load_problems
+from renio_pl.evaluators.code_problems import STAGES, Expected, Problem, data_path, load_problems
 from renio_pl.evaluators.code_runs import run_canonical
 
 __all__ = ["Expected", "expected_outputs"]
@@ -30,26 +28,6 @@ __all__ = ["Expected", "expected_outputs"]
 log = logging.getLogger(__name__)
 
 _CACHE_VERSION = "v1"
-
-
-@dataclass
-class Expected:
-    """The canonical outputs of one stage of a task: per call its time, digest and flags; values lazily."""
-
-    times: list[float]
-    sha: list[str | None]
-    by_digest: list[bool]  # an output with the same digest is equal (harness.equal_by_digest)
-    floats: list[bool]  # EvalPlus's is_floats(expected), which switches on the 1e-6 tolerance
-    offsets: list[int | None]  # where each encoded value starts in the values file; None: not stored
-    values_path: Path
-
-    def value(self, index: int) -> object:
-        """The expected output of call `index`; raises LookupError if it was too large to keep."""
-        if self.offsets[index] is None:
-            raise LookupError("expected output too large to keep")
-        with self.values_path.open("rb") as file:
-            file.seek(self.offsets[index])
-            return harness.decode(file.readline())
 
 
 def _cache_dir(path: Path) -> Path:

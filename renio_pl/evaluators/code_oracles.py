@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from renio_pl.evaluators import harness
-from renio_pl.evaluators.code_problems import Problem
+from renio_pl.evaluators.code_problems import Expected, Problem
 
-if TYPE_CHECKING:
-    from renio_pl.evaluators.code_expected import Expected
 
 __all__ = ["StageCheck", "MBPP_SET_EQ", "MBPP_NOT_NONE", "MBPP_ORACLES"]
 

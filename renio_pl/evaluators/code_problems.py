@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from renio_pl.errors import ConfigError
+from renio_pl.evaluators import harness
 from renio_pl.prompts import check_sha256
 from renio_pl.resources import shipped_path
 
-__all__ = ["DATA_DIR", "DATASETS", "STAGES", "Problem", "load_problems", "data_path"]
+__all__ = ["DATA_DIR", "DATASETS", "STAGES", "Problem", "Expected", "load_problems", "data_path"]
 
 # Where the release files live: `evaluation/data/code/` at the top of a source checkout, or the
 # same folder inside an installed wheel (`renio_pl/_shipped/`; `renio_pl.resources` finds
@@ -94,3 +95,23 @@ def data_path(dataset: str) -> Path:
         raise ConfigError(f"{path} is missing; reinstall renio-pl (its wheel and its source checkout ship it)")
     check_sha256(path, str(path), f"evaluate_solutions(dataset={dataset!r})")
     return path
+
+
+@dataclass
+class Expected:
+    """The canonical outputs of one stage of a task: per call its time, digest and flags; values lazily."""
+
+    times: list[float]
+    sha: list[str | None]
+    by_digest: list[bool]  # an output with the same digest is equal (harness.equal_by_digest)
+    floats: list[bool]  # EvalPlus's is_floats(expected), which switches on the 1e-6 tolerance
+    offsets: list[int | None]  # where each encoded value starts in the values file; None: not stored
+    values_path: Path
+
+    def value(self, index: int) -> object:
+        """The expected output of call `index`; raises LookupError if it was too large to keep."""
+        if self.offsets[index] is None:
+            raise LookupError("expected output too large to keep")
+        with self.values_path.open("rb") as file:
+            file.seek(self.offsets[index])
+            return harness.decode(file.readline())

@@ -19,14 +19,11 @@ import logging
 import pickle
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from renio_pl.evaluators import harness, sandbox
 from renio_pl.evaluators.code_oracles import StageCheck
-from renio_pl.evaluators.code_problems import Problem
+from renio_pl.evaluators.code_problems import Expected, Problem
 
-if TYPE_CHECKING:
-    from renio_pl.evaluators.code_expected import Expected
 
 __all__ = ["run_canonical", "run_stage"]
 
