@@ -667,8 +667,6 @@ class ResumableLoader(DataLoader):
         yield from islice(super().__iter__(), skip, None)
 
 
-_RoundLoader = ResumableLoader  # its former, private name
-
 
 class _SampledOnIteration(IterableDataset):
     """Lists of rollouts, sampled anew each time the data set is iterated."""
