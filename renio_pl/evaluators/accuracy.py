@@ -48,6 +48,7 @@ def compute_accuracy(metrics: MetricCollection) -> dict[str, float]:
     of records is agreed on first: `compute` on records that are empty everywhere would raise
     between torchmetrics' sync and unsync, leaving the states synced and the metrics unusable.
     """
+    metrics.set_dtype(torch.float64)  # empty records go out as float64 like the others' (`.to(device)` resets the dtype)
     results = {name: float(value) for name, value in metrics.compute().items()} if _graded_anywhere(metrics) else {}
     metrics.reset()
     return results

@@ -1,9 +1,9 @@
 """Accuracy over k samples per problem as torchmetrics: Avg@k, unbiased pass@k, majority vote.
 
 Each metric keeps one record per graded sample, (problem, sample, correct, answer key), in
-float64 `cat` states (float64 holds the 52-bit answer keys exactly; a process that graded
-nothing gathers float64 empty records too, as a gather of another dtype would not match the
-others'), so torchmetrics gathers every process's records before `compute`. Computing
+float64 `cat` states (float64 holds the 52-bit answer keys exactly; `compute_accuracy` sets
+that dtype again before gathering, since a process that graded nothing sends empty records in
+the metric's dtype, which moving it to a device resets), so torchmetrics gathers every process's records before `compute`. Computing
 from whole records, not from per-process sums, is what makes the number independent of how
 problems were split among processes; a (problem, sample) pair seen twice or a problem with
 fewer samples than the others is an error, never silently averaged in.
@@ -12,14 +12,11 @@ fewer samples than the others is an error, never silently averaged in.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 __all__ = ["answer_key", "NothingGraded", "SampleRecords", "AvgAtK", "PassAtK", "MajorityVote", "NO_ANSWER"]
 
@@ -51,17 +48,6 @@ class SampleRecords(Metric):
         for name in _RECORDS:
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self.set_dtype(torch.float64)
-
-    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None) -> None:
-        """torchmetrics' gather, a process without records sending float64 empty ones (0,).
-
-        torchmetrics would send its empty states in the metric's dtype, which moving the metric to
-        a device (as Lightning does) resets to float32: the processes' gathers would differ.
-        """
-        for name in _RECORDS:
-            if isinstance(getattr(self, name), list) and not getattr(self, name):
-                setattr(self, name, [torch.zeros(0, dtype=torch.float64, device=self.device)])
-        super()._sync_dist(dist_sync_fn, process_group)
 
     def update(self, problem: Tensor, sample: Tensor, correct: Tensor, answer: Tensor | None = None) -> None:
         """Add graded samples.
