@@ -55,7 +55,18 @@ class RolloutPolicy(Protocol):
 
 @runtime_checkable
 class Teaching(Protocol):
-    """What TRD's refiner also needs of the model: the model that rewrites the rollouts."""
+    """What TRD's refiner also needs of the model: the model that rewrites the rollouts, and what it trains with.
+
+    Attributes:
+        separate_teacher: True when the teacher is a model of its own (`model.teacher`, OPD);
+            False when the student's base weights teach (OPSD).
+        loss, weighter: the objective's parts; each declares `needs_own_samples` (and
+            `own_samples_reason`), as a rewritten rollout was not sampled by the student.
+    """
+
+    separate_teacher: bool
+    loss: Any
+    weighter: Any
 
     def teaching(self) -> AbstractContextManager[torch.nn.Module]:
         """The model that teaches (the OPD teacher, or for OPSD the student's base weights)."""

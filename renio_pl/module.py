@@ -105,6 +105,11 @@ class DistillationModule(StudentModule):
             self._frozen.append(teacher_model.requires_grad_(False).eval())
 
     @property
+    def separate_teacher(self) -> bool:
+        """True when `model.teacher` is a model of its own (OPD); False when the student's base weights teach (OPSD)."""
+        return self.hparams.teacher is not None
+
+    @property
     def teacher(self) -> torch.nn.Module:
         """The frozen teacher (eval mode, no gradients, not in the state dict)."""
         return self._frozen[0]

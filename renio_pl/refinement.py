@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from renio_pl.contracts import Teaching
 from renio_pl.errors import ConfigError
 from renio_pl.prompts import PromptFormat, PromptRow, render_prompt
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutGenerator, SamplingConfig
@@ -128,7 +129,7 @@ class Refiner:
                 "its rewriter reads the reference solution"
             )
 
-    def check_model(self, module: torch.nn.Module, data_engine: RolloutGenerator) -> None:
+    def check_model(self, module: Teaching, data_engine: RolloutGenerator) -> None:
         """Refuse the loss, weighter or engine a refined trajectory does not work with.
 
         `y_r` is sampled by the rewriter, not the student: estimators that read the student's
@@ -137,6 +138,12 @@ class Refiner:
         teacher rejects). Full-vocabulary losses are divergences at each position of `y_r`
         and need no such assumption.
         """
+        if not isinstance(module, Teaching):
+            raise ConfigError(
+                f"data.refiner: the model ({type(module).__name__}) does not provide what the rewriter reads "
+                "(renio_pl.contracts.Teaching: teaching(), separate_teacher, loss, weighter); use "
+                "renio_pl.module.DistillationModule or drop data.refiner"
+            )
         if module.loss.needs_own_samples:
             raise ConfigError(
                 f"model.loss: {type(module.loss).__name__} {module.loss.own_samples_reason}, but data.refiner trains on "
@@ -148,7 +155,7 @@ class Refiner:
                 "trains on the rewriter's y_r; use UniformWeighter (as TRD), LengthWeighter, EntropyWeighter or "
                 "OracleWeighter (labels graded on y_r)"
             )
-        if module.hparams.teacher is not None and self.engine is None and not isinstance(data_engine, HFGenerator):
+        if module.separate_teacher and self.engine is None and not isinstance(data_engine, HFGenerator):
             raise ConfigError(
                 "data.refiner.init_args.engine: the OPD rewriter (model.teacher) needs an engine of its own when "
                 "data.engine is not HFGenerator; set it to renio_pl.vllm_engine.VLLMGenerator or "

@@ -23,6 +23,12 @@ any run starts, so a typo stops the sweep at once: one line, `error: ...`, exit 
 run whose `result.json` records the same command is not run again, so an interrupted sweep
 continues where it stopped.
 
+`--at-epochs N [N ...]` also tabulates every run as it stood after its first N epochs
+(rounds): a shorter budget read from the same runs, written to `OUT/epochs<N>/`. This equals
+a run with `--trainer.max_epochs N` only when nothing in the first N epochs depends on the
+run's length: true of a warm-up then a constant learning rate (the demos), not of a schedule
+stretched over the whole run.
+
 Writes `OUT/runs.csv` (one row per run), `OUT/sweep.csv` and `OUT/sweep.md` (per
 combination: the mean, sample std and 95% interval over seeds (Student's t) of the final and
 best `val/accuracy`, the active weighter's AUROC for an incorrect rollout
@@ -52,9 +58,10 @@ from statistics import mean, stdev
 
 from renio_pl.callbacks import plot_series, read_series
 from renio_pl.errors import ConfigError
+from renio_pl.history import Series
 from renio_pl.report import OneLineParser, find_metrics, summarize
 
-__all__ = ["SweepRun", "sweep_runs", "aggregate", "interval95", "best_over", "run_metrics", "main"]
+__all__ = ["SweepRun", "sweep_runs", "aggregate", "interval95", "best_over", "first_epochs", "run_metrics", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +142,18 @@ def sweep_runs(
     return runs
 
 
-def run_metrics(series: dict) -> dict[str, float | None]:
+def first_epochs(series: Series, epochs: int) -> Series | None:
+    """`series` as a run stopped after its first `epochs` epochs logged it: every point up to the
+    last step of epoch `epochs - 1` (the evaluation before training included); None when the run
+    did not finish that epoch."""
+    steps = [step for step, epoch in series.get("epoch", []) if epoch == epochs - 1]
+    if not steps:
+        return None
+    cut = max(steps)
+    return {name: [(step, value) for step, value in points if step <= cut] for name, points in series.items()}
+
+
+def run_metrics(series: Series) -> dict[str, float | None]:
     """A run's summary (`renio_pl.report.summarize`), the update's shape (means over rounds, see `MECHANISM`)
     and each group's final held-out accuracy (`final_group_accuracy/<group>`)."""
     metrics = summarize(series)
@@ -178,21 +196,29 @@ def check_command(args: list[str]) -> None:
         sys.argv = argv
 
 
-def run_fit(run: SweepRun, args: list[str]) -> dict:
-    """Run `renio-pl fit` in a subprocess (or reuse the result of the same command); returns its `result.json`."""
+def run_fit(run: SweepRun, args: list[str], at_epochs: list[int] | tuple[int, ...] = ()) -> dict:
+    """Run `renio-pl fit` in a subprocess (or reuse the result of the same command); returns its `result.json`.
+
+    `metrics` summarises the whole run (`run_metrics`) and `metrics_at_epochs[str(N)]` its first
+    N epochs (`first_epochs`; empty when the run has fewer); both are read from the run's logs
+    again when a finished run is reused.
+    """
     result_file = run.folder / "result.json"
-    if result_file.is_file():
-        result = json.loads(result_file.read_text())
-        if result["command"] == args and result["returncode"] == 0:
-            return result
-    run.folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with (run.folder / "fit.log").open("w") as fit_log:
-        done = subprocess.run([sys.executable, "-m", "renio_pl.cli", *args], stdout=fit_log, stderr=subprocess.STDOUT)
-    result = {"label": run.label, "value": run.value, "seed": run.seed, "command": args, "returncode": done.returncode,
-              "seconds": round(time.perf_counter() - start, 1), "metrics": {}}
-    if done.returncode == 0:
-        result["metrics"] = run_metrics(read_series(find_metrics(run.folder)))
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    if result is None or result["command"] != args or result["returncode"] != 0:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with (run.folder / "fit.log").open("w") as fit_log:
+            done = subprocess.run([sys.executable, "-m", "renio_pl.cli", *args], stdout=fit_log, stderr=subprocess.STDOUT)
+        result = {"label": run.label, "value": run.value, "seed": run.seed, "command": args,
+                  "returncode": done.returncode, "seconds": round(time.perf_counter() - start, 1)}
+    result["metrics"], result["metrics_at_epochs"] = {}, {}
+    if result["returncode"] == 0:
+        series = read_series(find_metrics(run.folder))
+        result["metrics"] = run_metrics(series)
+        for epochs in at_epochs:
+            shorter = first_epochs(series, epochs)
+            result["metrics_at_epochs"][str(epochs)] = {} if shorter is None else run_metrics(shorter)
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
@@ -297,6 +323,25 @@ def plot_sweep(runs: list[SweepRun], results: list[dict], path: Path) -> None:
         plot_series(series, kept, path)
 
 
+def write_tables(out: Path, results: list[dict], runs: list[SweepRun], names: str, best_param: str | None,
+                 budget: str = "") -> str:
+    """`runs.csv`, `sweep.csv` / `sweep.md` and, with `best_param`, `best.csv` / `best.md` in `out`; returns the last table."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "runs.csv", [{"label": r["label"], "value": r["value"], "seed": r["seed"],
+                                   "returncode": r["returncode"], **r["metrics"]} for r in results])
+    rows = aggregate(results)
+    _write_csv(out / "sweep.csv", rows)
+    table = sweep_markdown(names, rows, f"# Sweep over {names}{budget}\n")
+    (out / "sweep.md").write_text(table)
+    if best_param is not None:
+        best = best_over(rows, runs, best_param)
+        table = sweep_markdown(names, best, f"# Each at its best `{best_param}` (highest mean final accuracy){budget}\n",
+                               first="options")
+        (out / "best.md").write_text(table)
+        _write_csv(out / "best.csv", best)
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `renio-pl-sweep`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -312,12 +357,17 @@ def main(argv: list[str] | None = None) -> None:
                         "combination of the others at its best value of it (highest mean final accuracy)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of each value (default: 0)")
     parser.add_argument("--out", type=Path, required=True, help="the sweep's folder")
+    parser.add_argument("--at-epochs", nargs="+", type=int, default=[], metavar="N",
+                        help="also tabulate each run after its first N epochs (a shorter budget of the same runs; "
+                        "valid when the learning-rate schedule does not depend on the run's length)")
     args = parser.parse_args(own)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if not args.config.is_file():
             raise ConfigError(f"--config {args.config} is not a file")
         runs = sweep_runs(args.param, args.values, args.seeds, args.out)
+        if any(epochs < 1 for epochs in args.at_epochs):
+            raise ConfigError(f"--at-epochs must be positive epoch counts; got {args.at_epochs}")
         if args.best_over is not None and args.best_over not in args.param:
             raise ConfigError(f"--best-over {args.best_over} must be one of the --param options ({', '.join(args.param)})")
         commands = [run.fit_args(args.config, extra) for run in runs]
@@ -331,25 +381,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     results = []
     for i, (run, command) in enumerate(zip(runs, commands), 1):
-        result = run_fit(run, command)
+        result = run_fit(run, command, args.at_epochs)
         failed = f"FAILED (exit {result['returncode']}, see {run.folder / 'fit.log'})"
         outcome = "done" if result["returncode"] == 0 else failed
         log.info("[%d/%d] %s seed %d: %s in %.0f s %s", i, len(runs), run.label, run.seed, outcome, result["seconds"],
                  {k: v for k, v in result["metrics"].items() if v is not None})
         results.append(result)
-    _write_csv(args.out / "runs.csv", [{"label": r["label"], "value": r["value"], "seed": r["seed"],
-                                        "returncode": r["returncode"], **r["metrics"]} for r in results])
-    rows = aggregate(results)
-    _write_csv(args.out / "sweep.csv", rows)
     names = ", ".join(f"`{p}`" for p in args.param)
-    table = sweep_markdown(names, rows, f"# Sweep over {names}\n")
-    (args.out / "sweep.md").write_text(table)
-    if args.best_over is not None:
-        best = best_over(rows, runs, args.best_over)
-        table = sweep_markdown(names, best, f"# Each at its best `{args.best_over}` (highest mean final accuracy)\n",
-                               first="options")
-        (args.out / "best.md").write_text(table)
-        _write_csv(args.out / "best.csv", best)
+    table = write_tables(args.out, results, runs, names, args.best_over)
+    for epochs in args.at_epochs:
+        shorter = [{**r, "metrics": r["metrics_at_epochs"].get(str(epochs), {})} for r in results]
+        unfinished = [f"{r['label']} seed {r['seed']}" for r in shorter if r["returncode"] == 0 and not r["metrics"]]
+        if unfinished:
+            log.warning("--at-epochs %d: left out runs with fewer epochs: %s", epochs, ", ".join(unfinished))
+            shorter = [{**r, "returncode": r["returncode"] or 1} if not r["metrics"] else r for r in shorter]
+        write_tables(args.out / f"epochs{epochs}", shorter, runs, names, args.best_over, f", after {epochs} epoch{'s' * (epochs != 1)}")
     plot_sweep(runs, results, args.out / "sweep.png")
     log.info("\n%s\nsweep: %s", table, args.out)
     if any(r["returncode"] != 0 for r in results):

@@ -6,11 +6,15 @@ from types import SimpleNamespace
 
 import lightning.pytorch as pl
 
-from renio_pl.contracts import EvaluationData, RolloutPolicy, evaluation_data
+import pytest
+
+from renio_pl.contracts import EvaluationData, RolloutPolicy, Teaching, evaluation_data
 from renio_pl.datamodule import OnPolicyDataModule
+from renio_pl.errors import ConfigError
 from renio_pl.module import DistillationModule
 from renio_pl.offline import OfflineDistillationModule, TraceDataModule
-from renio_pl.rollouts import SamplingConfig
+from renio_pl.refinement import Refiner
+from renio_pl.rollouts import HFGenerator, SamplingConfig
 
 
 def test_our_models_and_data_modules_provide_the_contracts(model_dirs):
@@ -19,6 +23,18 @@ def test_our_models_and_data_modules_provide_the_contracts(model_dirs):
     assert isinstance(OfflineDistillationModule(student), RolloutPolicy)
     assert isinstance(OnPolicyDataModule(tokenizer=student), EvaluationData)
     assert isinstance(TraceDataModule(tokenizer=student), EvaluationData)
+
+
+def test_the_refiner_reads_the_model_only_through_teaching(model_dirs):
+    """OPD's rewriter is a model of its own, OPSD's the student's base weights; a model without `Teaching` is refused."""
+    student = str(model_dirs["student"])
+    opd, opsd = DistillationModule(student, str(model_dirs["teacher"])), DistillationModule(student)
+    assert isinstance(opd, Teaching) and opd.separate_teacher and not opsd.separate_teacher
+    Refiner().check_model(opd, HFGenerator())
+    offline = OfflineDistillationModule(student)
+    assert not isinstance(offline, Teaching)
+    with pytest.raises(ConfigError, match=r"^data.refiner: the model \(OfflineDistillationModule\) does not provide"):
+        Refiner().check_model(offline, HFGenerator())
 
 
 def test_a_data_module_of_your_own_gets_the_defaults(model_dirs):

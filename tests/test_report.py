@@ -16,7 +16,7 @@ from renio_pl.module import DistillationModule
 from renio_pl.report import main as report_main
 from renio_pl.report import summarize, weighter_names
 from renio_pl.rollouts import SamplingConfig
-from renio_pl.sweep import SweepRun, aggregate, mean_curve, run_fit, sweep_runs
+from renio_pl.sweep import SweepRun, aggregate, first_epochs, mean_curve, run_fit, run_metrics, sweep_runs
 from renio_pl.sweep import main as sweep_main
 from renio_pl.weighters import ReNIOWeighter
 from tests.test_diagnostics import even_length
@@ -126,6 +126,18 @@ def test_sweep_aggregates_mean_and_sample_std_over_seeds():
     assert curve == [(0, 0.5), (4, 0.75)]
 
 
+def test_first_epochs_reads_a_run_as_if_it_had_stopped_after_n_epochs():
+    series = {"epoch": [(3, 0), (7, 1), (11, 2)], "val/accuracy": [(0, 0.5), (3, 0.6), (7, 0.9), (11, 0.4)],
+              "diag/active/auroc_incorrect": [(3, 0.7), (7, 0.8), (11, 0.9)]}
+    two = first_epochs(series, 2)
+    assert two["val/accuracy"] == [(0, 0.5), (3, 0.6), (7, 0.9)]
+    metrics = run_metrics(two)
+    assert (metrics["initial_accuracy"], metrics["final_accuracy"], metrics["best_accuracy"]) == (0.5, 0.9, 0.9)
+    assert metrics["auroc_last_round"] == 0.8 and metrics["auroc_over_rounds"] == pytest.approx(0.75)
+    assert run_metrics(series)["final_accuracy"] == 0.4
+    assert first_epochs(series, 4) is None  # the run stopped after 3 epochs
+
+
 def test_sweep_runs_labels_folders_and_refuses_what_it_sets_itself(tmp_path):
     runs = sweep_runs("model.weighter", ["UniformWeighter", "oracle={class_path: OracleWeighter}"], [0, 1], tmp_path)
     assert [(r.label, r.value, r.seed) for r in runs] == [
@@ -176,7 +188,7 @@ def test_sweep_over_weighters_runs_real_fits_and_tabulates(model_dirs, prompt_fi
     out = tmp_path / "sweep"
     oracle = "incorrect_only={class_path: OracleWeighter, init_args: {mode: incorrect_only}}"
     sweep_main(["--config", str(config), "--param", "model.weighter", "--values", "uniform=UniformWeighter", oracle,
-                "--seeds", "0", "--out", str(out), "--", "--trainer.max_epochs", "1"])
+                "--seeds", "0", "--out", str(out), "--at-epochs", "1", "--", "--trainer.max_epochs", "2"])
     rows = {r["label"]: r for r in csv.DictReader(open(out / "sweep.csv"))}
     assert set(rows) == {"uniform", "incorrect_only"} and all(r["seeds"] == "1" for r in rows.values())
     assert float(rows["uniform"]["auroc_last_round_mean"]) == 0.5
@@ -186,8 +198,16 @@ def test_sweep_over_weighters_runs_real_fits_and_tabulates(model_dirs, prompt_fi
     assert (out / "sweep.png").read_bytes()[:8] == PNG
     result = json.loads((out / "uniform" / "seed0" / "result.json").read_text())
     assert result["returncode"] == 0 and "--trainer.max_epochs" in result["command"]
-    assert list((out / "uniform" / "seed0").glob("version_*/metrics.csv"))
+    logged = list((out / "uniform" / "seed0").glob("version_*/metrics.csv"))
+    assert logged
+    # After 1 of the 2 epochs: the held-out accuracy logged at epoch 0's last step.
+    rows_logged = list(csv.DictReader(open(logged[0])))
+    first_epoch = max(float(r["step"]) for r in rows_logged if r.get("epoch") == "0")
+    after_one = [float(r["val/accuracy"]) for r in rows_logged if r.get("val/accuracy") and float(r["step"]) <= first_epoch]
+    shorter = {r["label"]: r for r in csv.DictReader(open(out / "epochs1" / "sweep.csv"))}
+    assert float(shorter["uniform"]["final_accuracy_mean"]) == pytest.approx(after_one[-1])
+    assert (out / "epochs1" / "sweep.md").read_text().startswith("# Sweep over `model.weighter`, after 1 epoch\n")
     # The same command again is not rerun.
     monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("reran a finished run"))
     run = SweepRun("uniform", "UniformWeighter", 0, out / "uniform" / "seed0")
-    assert run_fit(run, result["command"]) == result
+    assert run_fit(run, result["command"], [1]) == result
