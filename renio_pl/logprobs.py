@@ -179,51 +179,59 @@ def score_tokens_top_k(
 def _score_in_chunks(
     score_chunk, student_hidden: Tensor, per_token: list[Tensor], constants: tuple, mask: Tensor, chunk_tokens: int
 ) -> TokenScores:
-    """Run `score_chunk(student_hidden_C, *per_token_C, *constants)` over the masked positions, `chunk_tokens` at a time.
-
-    Args:
-        score_chunk: returns four (C,) tensors: loss, student / teacher log-prob, entropy.
-        student_hidden: (B, T, H_S).
-        per_token: tensors (B, T, ...) cut at the same masked positions.
-        constants: the remaining arguments, passed unchanged; the first is the student's output
-            head, run by as many chunks (some maybe empty) on every process under FSDP.
-        mask: (B, T) bool.
-        chunk_tokens: positions per chunk.
-    """
-    mask = mask.bool()
-    flat_student = student_hidden[mask]  # (N, H_S)
-    flat_per_token = [values[mask] for values in per_token]  # each (N, ...)
-    use_checkpoint = torch.is_grad_enabled() and flat_student.requires_grad
-    pieces = []
-    for chunk in lockstep_slices(flat_student.shape[0], chunk_tokens, constants[0]):
-        args = (flat_student[chunk], *(values[chunk] for values in flat_per_token), *constants)
-        pieces.append(checkpoint(score_chunk, *args, use_reentrant=False) if use_checkpoint else score_chunk(*args))
-    if pieces:
-        columns = [torch.cat(column) for column in zip(*pieces)]
-    else:
-        columns = [flat_student.new_zeros(0, dtype=torch.float32)] * 4
-
-    def unflatten(values: Tensor) -> Tensor:
-        full = values.new_zeros(mask.shape, dtype=torch.float32)
-        return full.masked_scatter(mask, values.float())
-
-    token_loss, student_sampled, teacher_sampled, entropy = (unflatten(column) for column in columns)
-    if not flat_student.shape[0]:  # nothing generated: keep the loss attached to the graph so backward still works
-        token_loss = token_loss + 0.0 * student_hidden.sum()
+    """`TokenScores` from `score_chunk` (four (C,) tensors: loss, student / teacher log-prob, entropy) over `in_chunks`."""
+    token_loss, student_sampled, teacher_sampled, entropy = in_chunks(
+        score_chunk, student_hidden, per_token, constants, mask, chunk_tokens, outputs=4
+    )
     return TokenScores(student_sampled.detach(), teacher_sampled.detach(), entropy.detach(), token_loss)
 
 
-def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> Tensor:
-    """(C, H), (C,) -> (C,) float32 `log_softmax(head(hidden))` at each target token."""
+def in_chunks(
+    per_chunk, hidden: Tensor, per_token: list[Tensor], constants: tuple, mask: Tensor, chunk_tokens: int, outputs: int
+) -> list[Tensor]:
+    """The chunked loop: `per_chunk(hidden_C, *per_token_C, *constants)` over the masked positions, `chunk_tokens` at a time.
+
+    Each chunk runs inside activation checkpointing when `hidden` needs a gradient, so neither
+    the forward nor the backward holds more than one chunk's `(C, V)` logits.
+
+    Args:
+        per_chunk: returns `outputs` (C,) tensors.
+        hidden: (B, T, H), gradients flow back through it.
+        per_token: tensors (B, T, ...) cut at the same masked positions.
+        constants: the remaining arguments, passed unchanged; the first is the output head,
+            run by as many chunks (some maybe empty) on every process under FSDP.
+        mask: (B, T) bool, True on completion tokens.
+        chunk_tokens: positions per chunk.
+    Returns:
+        `outputs` (B, T) float32 tensors, 0 off the mask. The first stays attached to the graph
+        even when nothing was generated, so backward still works.
+    """
+    mask = mask.bool()
+    flat_hidden = hidden[mask]  # (N, H)
+    flat_per_token = [values[mask] for values in per_token]  # each (N, ...)
+    use_checkpoint = torch.is_grad_enabled() and flat_hidden.requires_grad
+    pieces = []
+    for chunk in lockstep_slices(flat_hidden.shape[0], chunk_tokens, constants[0]):
+        args = (flat_hidden[chunk], *(values[chunk] for values in flat_per_token), *constants)
+        pieces.append(checkpoint(per_chunk, *args, use_reentrant=False) if use_checkpoint else per_chunk(*args))
+    if pieces:
+        columns = [torch.cat(column) for column in zip(*pieces)]
+    else:
+        columns = [flat_hidden.new_zeros(0, dtype=torch.float32)] * outputs
+    full = [values.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, values.float()) for values in columns]
+    if not flat_hidden.shape[0]:  # nothing generated: keep the first output attached to the graph
+        full[0] = full[0] + 0.0 * hidden.sum()
+    return full
+
+
+def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> tuple[Tensor]:
+    """(C, H), (C,) -> ((C,),): float32 `log_softmax(head(hidden))` at each target token."""
     logprobs = torch.log_softmax(head(hidden).float(), dim=-1)  # (C, V)
-    return logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    return (logprobs.gather(-1, targets[:, None]).squeeze(-1),)
 
 
 def token_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, mask: Tensor, chunk_tokens: int) -> Tensor:
-    """Log-prob (temperature 1) of each completion token under one model, `chunk_tokens` positions at a time.
-
-    Each chunk's logits are made inside activation checkpointing, so neither the forward nor
-    the backward holds more than `(chunk_tokens, V)` float logits.
+    """Log-prob (temperature 1) of each completion token under one model, `chunk_tokens` positions at a time (`in_chunks`).
 
     Args:
         hidden: (B, T, H) from `completion_hidden_states`, with grad when training.
@@ -234,14 +242,4 @@ def token_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, mask:
     Returns:
         (B, T) float32, 0 off the mask, carrying the gradient.
     """
-    mask = mask.bool()
-    flat_hidden, flat_targets = hidden[mask], targets[mask]  # (N, H), (N,)
-    use_checkpoint = torch.is_grad_enabled() and flat_hidden.requires_grad
-    pieces = []
-    for chunk in lockstep_slices(flat_targets.numel(), chunk_tokens, head):  # under FSDP: as many on every process
-        args = (flat_hidden[chunk], flat_targets[chunk], head)
-        logprobs = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if use_checkpoint else _chunk_logprobs(*args)
-        pieces.append(logprobs)  # (C,)
-    flat = torch.cat(pieces) if pieces else flat_hidden.new_zeros(0, dtype=torch.float32)
-    full = flat.new_zeros(mask.shape).masked_scatter(mask, flat)
-    return full if flat_targets.numel() else full + 0.0 * hidden.sum()  # nothing to score: keep the graph for backward
+    return in_chunks(_chunk_logprobs, hidden, [targets], (head,), mask, chunk_tokens, outputs=1)[0]
