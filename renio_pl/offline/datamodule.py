@@ -164,9 +164,7 @@ class TraceDataModule(HeldOutDataModule):
             raise ConfigError(f"data.stage must be sft or redi; got {stage!r}")
         if long_traces not in ("error", "drop"):
             raise ConfigError(f"data.long_traces must be error or drop; got {long_traces!r}")
-        if max_completion_tokens < 1:
-            raise ConfigError(f"data.max_completion_tokens must be >= 1; got {max_completion_tokens}")
-        require_positive(batch_size=batch_size)
+        require_positive(max_completion_tokens=max_completion_tokens, batch_size=batch_size)
         described = partial(
             PromptSource, prompt_field=prompt_field, answer_field=answer_field, answer_after=answer_after, split=split,
             prompt_format=prompt_format,
