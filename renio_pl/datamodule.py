@@ -132,6 +132,13 @@ class OnPolicyDataModule(HeldOutDataModule):
         group_field: str | None = None,
     ) -> None:
         require_positive(prompts_per_epoch=prompts_per_epoch, batch_size=batch_size)
+        if solution_field is not None and "{solution}" not in teacher_prompt_format.template:
+            raise ConfigError(
+                "data.teacher_prompt_format.template must contain {solution} (OPSD's privileged context); "
+                f"got {teacher_prompt_format.template!r}"
+            )
+        if refiner is not None:
+            refiner.check_data(solution_field, sampling)
         described = partial(
             PromptSource, prompt_field=prompt_field, answer_field=answer_field, answer_after=answer_after, split=split,
             subset=subset, prompt_format=prompt_format, group_field=group_field,
@@ -142,14 +149,7 @@ class OnPolicyDataModule(HeldOutDataModule):
             test_sampling=test_sampling, val_batch_size=val_batch_size, max_prompt_tokens=max_prompt_tokens,
             long_prompts=long_prompts, verifier=verifier, answer_extractor=answer_extractor, seed=seed,
         )
-        if solution_field is not None and "{solution}" not in teacher_prompt_format.template:
-            raise ConfigError(
-                "data.teacher_prompt_format.template must contain {solution} (OPSD's privileged context); "
-                f"got {teacher_prompt_format.template!r}"
-            )
         self.solution_field, self.teacher_prompt_format = solution_field, teacher_prompt_format
-        if refiner is not None:
-            refiner.check_data(solution_field, sampling)
         self.refiner, self.sampling = refiner, sampling
         self.prompts_per_epoch, self.batch_size = prompts_per_epoch, batch_size
         self.train_source = None if train_path is None else described(
