@@ -9,8 +9,9 @@ tokenises each completion and holds them to the length limits. `stage` picks wha
   positives (several records) is served once per positive;
 - `redi` (stage 2): one (prompt, positive, negative) triplet per record.
 
-Validation, test and predict are the on-policy data module's, inherited: held-out prompts
-sampled by the engine with the current student and graded by the verifier.
+Validation, test and predict are the shared held-out base's (`renio_pl.heldout.HeldOutDataModule`),
+as in on-policy distillation: held-out prompts sampled by the engine with the current student
+and graded by the verifier.
 
 Shapes use the package glossary (`renio_pl/__init__.py`): `B` records in a batch, `R` rows (`B`, or `2B` with
 negatives), `T_prompt` the padded prompt width, `T` completion tokens.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -29,11 +31,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from renio_pl.datamodule import EvalSet, OnPolicyDataModule, ResumableLoader
+from renio_pl.heldout import EvalSet, HeldOutDataModule, require_positive
 from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import extract_answer, is_correct
+from renio_pl.loaders import ResumableLoader, trained_batches
 from renio_pl.losses import TraceLoss
 from renio_pl.paths import InputPath
+from renio_pl.prompt_source import PromptSource
 from renio_pl.prompts import PromptFormat, load_table, read_prompt, render_prompt, require_columns, where
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key
@@ -94,7 +98,7 @@ def collate_traces(traces: list[Trace], pad_token_id: int) -> TraceBatch:
     return TraceBatch(collate_rollouts(rollouts, pad_token_id), len(traces))
 
 
-class TraceDataModule(OnPolicyDataModule):
+class TraceDataModule(HeldOutDataModule):
     """Teacher traces for REDI's two stages; held-out accuracy as in on-policy distillation.
 
     Args:
@@ -160,22 +164,28 @@ class TraceDataModule(OnPolicyDataModule):
             raise ConfigError(f"data.stage must be sft or redi; got {stage!r}")
         if long_traces not in ("error", "drop"):
             raise ConfigError(f"data.long_traces must be error or drop; got {long_traces!r}")
-        if max_completion_tokens < 1:
-            raise ConfigError(f"data.max_completion_tokens must be >= 1; got {max_completion_tokens}")
+        require_positive(max_completion_tokens=max_completion_tokens, batch_size=batch_size)
+        described = partial(
+            PromptSource, prompt_field=prompt_field, answer_field=answer_field, answer_after=answer_after, split=split,
+            prompt_format=prompt_format,
+        )
         super().__init__(
-            train_path=train_path, tokenizer=tokenizer, val_path=val_path, prompt_field=prompt_field,
-            answer_field=answer_field, answer_after=answer_after, split=split, prompt_format=prompt_format, engine=engine, val_sampling=val_sampling, test_sets=test_sets, test_sampling=test_sampling,
-            batch_size=batch_size, val_batch_size=val_batch_size, max_prompt_tokens=max_prompt_tokens,
+            tokenizer, val_source=None if val_path is None else described(val_path, "data.val_path"),
+            prompt_format=prompt_format, engine=engine, val_sampling=val_sampling, test_sets=test_sets,
+            test_sampling=test_sampling, val_batch_size=val_batch_size, max_prompt_tokens=max_prompt_tokens,
             verifier=verifier, answer_extractor=answer_extractor, seed=seed,
         )
-        self.stage, self.positive_field, self.negative_field = stage, positive_field, negative_field
+        # the traces: their prompts are read and rendered as the held-out ones are (no answer column needed)
+        self.trace_source = None if train_path is None else described(train_path, "data.train_path")
+        self.batch_size, self.stage = batch_size, stage
+        self.positive_field, self.negative_field = positive_field, negative_field
         self.max_completion_tokens, self.long_traces = max_completion_tokens, long_traces
         self.traces: list[Trace] = []
         self.dropped_traces = 0
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            if self.train_path is None:
+            if self.trace_source is None:
                 raise ConfigError(
                     "fit needs traces: set data.train_path to a .jsonl / .parquet file or a hub id "
                     "(renio-pl-redi-traces writes one)"
@@ -183,8 +193,7 @@ class TraceDataModule(OnPolicyDataModule):
             self._check_model()
             if not self.traces:
                 self.traces = self.load_traces()
-        # the held-out prompts and benchmarks load as in on-policy distillation; "fit" would load prompts to sample
-        super().setup("validate" if stage == "fit" else stage)
+        super().setup(stage)  # the held-out prompts and benchmarks
 
     def _check_model(self) -> None:
         """Refuse a model that cannot train on this stage's records, before any trace is read.
@@ -218,23 +227,24 @@ class TraceDataModule(OnPolicyDataModule):
     # --- reading the traces ------------------------------------------------------------------
     def load_traces(self) -> list[Trace]:
         """Read, render and tokenise the records of `train_path`, applying the length policy."""
-        option = "data.train_path"
-        table = load_table(self.train_path, self.split, option)
-        fields = {"prompt_field": self.prompt_field, "positive_field": self.positive_field}
+        source = self.trace_source
+        option = source.option
+        table = load_table(source.path, source.split, option, source.subset)
+        fields = {"prompt_field": source.prompt_field, "positive_field": self.positive_field}
         if self.stage == "redi":
             fields["negative_field"] = self.negative_field
-        require_columns(table, self.train_path, option, fields)
+        require_columns(table, source.path, option, fields)
         columns = {key: table[name] for key, name in fields.items()}
         for key in ("positive_field", "negative_field"):
             missing = next((i for i, text in enumerate(columns.get(key, [])) if text is None), None)
             if missing is not None:  # an empty string is a completion (EOS alone); a null is no completion
                 what = "positive" if key == "positive_field" else "negative"
                 raise ConfigError(
-                    f"{option}: record {missing} of {self.train_path} has no {what} trace in column "
+                    f"{option}: record {missing} of {source.path} has no {what} trace in column "
                     f"{fields[key]!r} (data.{key}); remove the record or fill it in"
                 )
         prompts = self._render_prompts([
-            read_prompt(p, where(table, i, self.train_path), option, self.prompt_field)
+            read_prompt(p, where(table, i, source.path), option, source.prompt_field)
             for i, p in enumerate(columns["prompt_field"])
         ])
         positives = self._tokenize_completions(columns["positive_field"])
@@ -265,7 +275,7 @@ class TraceDataModule(OnPolicyDataModule):
         keys = [json.dumps(prompt) for prompt in prompts]
         for key, (problem, messages) in zip(keys, prompts):
             if key not in rendered:
-                rendered[key] = render_prompt(self.tokenizer, problem, self.prompt_format, messages=messages)
+                rendered[key] = render_prompt(self.tokenizer, problem, self.trace_source.prompt_format, messages=messages)
         return [rendered[key] for key in keys]
 
     def _tokenize_completions(self, texts: list[str]) -> list[list[int]]:
@@ -297,7 +307,7 @@ class TraceDataModule(OnPolicyDataModule):
         """The records in an order keyed by (seed, epoch); resumable mid-epoch like the on-policy rounds."""
         order = torch.Generator().manual_seed(stream_key(self.seed, self.trainer.current_epoch))
         return ResumableLoader(
-            self._batches_done, self.traces, batch_size=self.batch_size, shuffle=True, generator=order,
+            partial(trained_batches, self.trainer), self.traces, batch_size=self.batch_size, shuffle=True, generator=order,
             collate_fn=self._collate_traces,
         )
 

@@ -36,7 +36,8 @@ from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import MathVerifier, is_correct
 from renio_pl.models import DType, load_model, load_tokenizer
 from renio_pl.paths import InputPath
-from renio_pl.prompts import PromptFormat, PromptRow, load_rows, render_prompt
+from renio_pl.prompt_source import PromptSource
+from renio_pl.prompts import PromptFormat, PromptRow
 from renio_pl.rollouts import HFGenerator, RolloutGenerator, SamplingConfig, eos_token_ids
 from renio_pl.sampling import stream_key
 
@@ -137,13 +138,14 @@ def build_traces(
     """
     if limit < 0:
         raise ConfigError(f"limit must be >= 0 (0: every problem); got {limit}")
-    rows = load_rows(prompts, prompt_field, answer_field, split, "prompts", answer_after=answer_after or None)
+    source = PromptSource(prompts, "prompts", prompt_field, answer_field, answer_after, split, prompt_format=prompt_format)
+    rows = source.load_rows()
     rows = rows[:limit] if limit else rows
     answered = [row for row in rows if row.answer]
     tokenizer = load_tokenizer(teacher, option="teacher")
     model = load_model(teacher, dtype, option="teacher").eval()
     model.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    prompt_ids = [render_prompt(tokenizer, row.problem, prompt_format, messages=row.messages) for row in answered]
+    prompt_ids = [source.render(tokenizer, row)[0] for row in answered]
     seeds = [stream_key(seed, row.index) for row in answered]
     log.info("sampling %d completions for each of %d problems", sampling.n, len(answered))
     completions_P_G = engine.generate(model, tokenizer, prompt_ids, sampling, seeds)
