@@ -14,7 +14,6 @@ still be reachable; `--student` points elsewhere when it has moved.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import shlex
 from importlib import import_module
-from pathlib import Path
 
 import pytest
 

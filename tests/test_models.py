@@ -7,7 +7,7 @@ import torch
 
 from renio_pl.errors import ConfigError
 from renio_pl.models import LoRA, check_same_vocabulary, load_model, load_tokenizer, policy_weights
-from tests.conftest import save_model, tiny_qwen3
+from tests.conftest import tiny_qwen3
 from renio_pl.demo.task import make_tokenizer
 
 

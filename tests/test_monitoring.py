@@ -18,7 +18,7 @@ from renio_pl.monitoring import RoundStats, markdown_table, missing_package_mess
 from renio_pl.progress import GenerationProgress
 from renio_pl.report import main as report_main
 from renio_pl.rollouts import HFGenerator, Rollout, SamplingConfig
-from tests.conftest import REPO, small_fit, tiny_qwen3, tiny_tokenizer
+from tests.conftest import small_fit, tiny_qwen3, tiny_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
