@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -190,11 +191,9 @@ def test_an_evaluator_in_a_virtual_environment_under_tmp_runs_programs(tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     evaluator = f"""
-        import importlib.util, json, sys
-        spec = importlib.util.spec_from_file_location("sandbox", {sandbox.__file__!r})
-        sandbox = importlib.util.module_from_spec(spec)
-        sys.modules["sandbox"] = sandbox
-        spec.loader.exec_module(sandbox)
+        import json, sys
+        sys.path.insert(0, {str(Path(sandbox.__file__).parents[2])!r})  # the package, without its dependencies
+        from renio_pl.evaluators import sandbox
         program = "import json, os, sys; print(json.dumps([os.getcwd(), os.listdir('.'), sys.executable]))"
         result = sandbox.run([sys.executable, "-S", "-c", program])
         print(sys.executable, result.returncode, result.stdout.decode().strip(), result.stderr[-500:], sep="\\n")
