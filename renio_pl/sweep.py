@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         unfinished = [f"{r['label']} seed {r['seed']}" for r in shorter if r["returncode"] == 0 and not r["metrics"]]
         if unfinished:
             log.warning("--at-epochs %d: left out runs with fewer epochs: %s", epochs, ", ".join(unfinished))
+            # counted as not done (not dropped), so runs.csv still lists them and a label keeps its row
             shorter = [{**r, "returncode": r["returncode"] or 1} if not r["metrics"] else r for r in shorter]
         write_tables(args.out / f"epochs{epochs}", shorter, runs, names, args.best_over, f", after {epochs} epoch{'s' * (epochs != 1)}")
     plot_sweep(runs, results, args.out / "sweep.png")
