@@ -37,7 +37,7 @@ import yaml
 
 from renio_pl.callbacks import plot_series, read_series
 from renio_pl.report import find_metrics, summarize
-from renio_pl.sweep import mean_curve
+from renio_pl.sweep_tables import mean_curve
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTERS = [

@@ -60,6 +60,17 @@ def one_line(message: str) -> str:
 SWAPPABLE = {"model.weighter": Weighter, "model.loss": Loss, "data.engine": RolloutGenerator}
 
 
+# Trainer settings every run of the suite wants, as defaults (a config or the command line may
+# still set them): the one home of what each shipped config used to repeat.
+TRAINER_DEFAULTS = {
+    # each epoch is one rollout round with the current student (the fit-start guard insists); REDI
+    # reshuffles its records each epoch (their order is keyed by seed and epoch)
+    "reload_dataloaders_every_n_epochs": 1,
+    "num_sanity_val_steps": 0,  # held-out accuracy is logged at step 0 by the module instead
+    "plugins": [{"class_path": "renio_pl.checkpointing.AtomicCheckpointIO"}],  # a kill never corrupts last.ckpt
+}
+
+
 class RenioArgumentParser(LightningArgumentParser):
     """Prints a parse error as one line plus a hint, instead of usage plus a nested report."""
 
@@ -116,13 +127,14 @@ def run_cli(
 ) -> None:
     """Run a `cli_class` (a `RenioCLI`) over the given classes; a `ConfigError` exits 2 and a divergence exits 1, in one line.
 
-    Every trainer gets `StopTogether`: after SIGTERM the run writes `last.ckpt` and exits 143.
+    Every trainer gets `StopTogether` (after SIGTERM the run writes `last.ckpt` and exits 143), and
+    `TRAINER_DEFAULTS` as its defaults.
     """
     configure_logging()
     try:
         cli_class(
             model_class, datamodule_class, save_config_callback=SaveRunConfig, save_config_kwargs={"overwrite": True},
-            parser_class=parser_class, args=args, trainer_defaults={"callbacks": [StopTogether()]},
+            parser_class=parser_class, args=args, trainer_defaults=TRAINER_DEFAULTS | {"callbacks": [StopTogether()]},
         )
     except SIGTERMException:
         raise SystemExit(SIGTERM_EXIT_STATUS) from None

@@ -16,7 +16,8 @@ from renio_pl.module import DistillationModule
 from renio_pl.report import main as report_main
 from renio_pl.report import summarize, weighter_names
 from renio_pl.rollouts import SamplingConfig
-from renio_pl.sweep import SweepRun, aggregate, first_epochs, mean_curve, run_fit, run_metrics, sweep_runs
+from renio_pl.sweep import SweepRun, run_fit, sweep_runs
+from renio_pl.sweep_tables import aggregate, first_epochs, mean_curve, run_metrics
 from renio_pl.sweep import main as sweep_main
 from renio_pl.weighters import ReNIOWeighter
 from tests.test_diagnostics import even_length

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from renio_pl.errors import ConfigError
-from renio_pl.sweep import aggregate, best_over, interval95, run_metrics, sweep_markdown, sweep_runs
+from renio_pl.sweep import sweep_runs
+from renio_pl.sweep_tables import aggregate, best_over, interval95, run_metrics, sweep_markdown
 
 
 def test_grid_runs_every_combination_in_its_own_folder(tmp_path):
