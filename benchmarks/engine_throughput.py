@@ -22,7 +22,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from renio_pl.demo.task import build_assets  # noqa: E402
 from renio_pl.models import load_model, load_tokenizer  # noqa: E402
-from renio_pl.prompts import PromptFormat, load_rows, render_prompt  # noqa: E402
+from renio_pl.prompt_format import PromptFormat, render_prompt  # noqa: E402
+from renio_pl.prompts import load_rows  # noqa: E402
 from renio_pl.rollouts import HFGenerator, RolloutGenerator, SamplingConfig  # noqa: E402
 
 

@@ -41,8 +41,9 @@ from renio_pl.heldout import EvalSet, HeldOutDataModule, data_seed, require_posi
 from renio_pl.loaders import OwnShare, ResumableLoader, balance_shares, batch_sizes, trained_batches
 from renio_pl.monitoring import RoundStats
 from renio_pl.paths import InputPath
+from renio_pl.prompt_format import OPSD_TEACHER_TEMPLATE, PromptFormat
 from renio_pl.prompt_source import PromptSource
-from renio_pl.prompts import OPSD_TEACHER_TEMPLATE, PromptFormat, PromptRow
+from renio_pl.prompts import PromptRow
 from renio_pl.refinement import Refiner, refinement_counts, refinement_metrics
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key

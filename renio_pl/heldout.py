@@ -33,8 +33,9 @@ from renio_pl.evaluators.verifier import BatchVerifier
 from renio_pl.loaders import SampledOnIteration
 from renio_pl.models import load_tokenizer
 from renio_pl.paths import InputPath
+from renio_pl.prompt_format import PromptFormat
 from renio_pl.prompt_source import PromptSource
-from renio_pl.prompts import PromptFormat, PromptRow
+from renio_pl.prompts import PromptRow
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutGenerator, SamplingConfig
 from renio_pl.sampling import stream_key
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from renio_pl.paths import InputPath
-from renio_pl.prompts import PromptFormat, PromptRow, load_rows, render_prompt
+from renio_pl.prompt_format import PromptFormat, render_prompt
+from renio_pl.prompts import PromptRow, load_rows
 
 __all__ = ["PromptSource"]
 

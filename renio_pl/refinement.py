@@ -25,7 +25,8 @@ from transformers import PreTrainedTokenizerBase
 
 from renio_pl.contracts import Teaching
 from renio_pl.errors import ConfigError
-from renio_pl.prompts import PromptFormat, PromptRow, render_prompt
+from renio_pl.prompt_format import PromptFormat, render_prompt
+from renio_pl.prompts import PromptRow
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutGenerator, SamplingConfig
 
 __all__ = ["Refiner", "TRD_OPD_TEMPLATE", "TRD_OPSD_TEMPLATE", "refinement_counts", "refinement_metrics"]

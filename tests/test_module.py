@@ -130,7 +130,8 @@ def test_lora_student_fits_and_only_its_adapters_change(model_dirs, prompt_file,
 
 
 def test_prompts_too_long_are_dropped_and_counted(model_dirs, prompt_file, tmp_path):
-    from renio_pl.prompts import PromptFormat, load_rows, render_prompt
+    from renio_pl.prompt_format import PromptFormat, render_prompt
+    from renio_pl.prompts import load_rows
 
     student, teacher = str(model_dirs["student"]), str(model_dirs["teacher"])
     model = DistillationModule(student, teacher)

@@ -16,7 +16,7 @@ from renio_pl.errors import ConfigError
 from renio_pl.logprobs import completion_hidden_states, position_ids
 from renio_pl.models import LoRA, load_model
 from renio_pl.module import DistillationModule
-from renio_pl.prompts import OPSD_STUDENT_TEMPLATE, OPSD_TEACHER_TEMPLATE, PromptFormat
+from renio_pl.prompt_format import OPSD_STUDENT_TEMPLATE, OPSD_TEACHER_TEMPLATE, PromptFormat
 from renio_pl.rollouts import Rollout, SamplingConfig
 from tests.conftest import tiny_qwen3
 

@@ -28,7 +28,7 @@ from renio_pl.datamodule import OnPolicyDataModule
 from renio_pl.demo.task import make_tokenizer
 from renio_pl.models import LoRA, load_model
 from renio_pl.module import DistillationModule
-from renio_pl.prompts import PromptFormat
+from renio_pl.prompt_format import PromptFormat
 from renio_pl.rollouts import Rollout
 from tests.conftest import save_model, tiny_qwen3
 from tests.test_cli import printed_config

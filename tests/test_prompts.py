@@ -6,7 +6,8 @@ import datasets
 import pytest
 
 from renio_pl.errors import ConfigError
-from renio_pl.prompts import PromptFormat, load_rows, render_prompt
+from renio_pl.prompt_format import PromptFormat, render_prompt
+from renio_pl.prompts import load_rows
 from tests.conftest import tiny_tokenizer
 
 

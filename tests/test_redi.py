@@ -29,7 +29,7 @@ from renio_pl.offline.cli import main as redi_main
 from renio_pl.offline.datamodule import collate_traces
 from renio_pl.offline.traces import build_traces
 from renio_pl.offline.traces import main as traces_main
-from renio_pl.prompts import PromptFormat, render_prompt
+from renio_pl.prompt_format import PromptFormat, render_prompt
 from renio_pl.rollouts import HFGenerator, SamplingConfig
 from renio_pl.sampling import stream_key
 from tests.conftest import TEST_CHAT_TEMPLATE, tiny_qwen3

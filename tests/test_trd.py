@@ -24,7 +24,7 @@ from renio_pl.logprobs import completion_hidden_states, position_ids
 from renio_pl.losses import SampledReverseKL
 from renio_pl.models import LoRA, load_model
 from renio_pl.module import DistillationModule
-from renio_pl.prompts import OPSD_STUDENT_TEMPLATE, PromptFormat
+from renio_pl.prompt_format import OPSD_STUDENT_TEMPLATE, PromptFormat
 from renio_pl.refinement import TRD_OPD_TEMPLATE, TRD_OPSD_TEMPLATE, Refiner
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutGenerator, SamplingConfig
 from renio_pl.weighters import ReNIOWeighter

@@ -37,8 +37,9 @@ from renio_pl.evaluators.math import extract_answer, is_correct
 from renio_pl.loaders import ResumableLoader, trained_batches
 from renio_pl.losses import TraceLoss
 from renio_pl.paths import InputPath
+from renio_pl.prompt_format import PromptFormat, render_prompt
 from renio_pl.prompt_source import PromptSource
-from renio_pl.prompts import PromptFormat, load_table, read_prompt, render_prompt, require_columns, where
+from renio_pl.prompts import load_table, read_prompt, require_columns, where
 from renio_pl.rollouts import HFGenerator, Rollout, RolloutBatch, RolloutGenerator, SamplingConfig, collate_rollouts
 from renio_pl.sampling import stream_key
 

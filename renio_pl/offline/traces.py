@@ -36,8 +36,9 @@ from renio_pl.errors import ConfigError
 from renio_pl.evaluators.math import MathVerifier, is_correct
 from renio_pl.models import DType, load_model, load_tokenizer
 from renio_pl.paths import InputPath
+from renio_pl.prompt_format import PromptFormat
 from renio_pl.prompt_source import PromptSource
-from renio_pl.prompts import PromptFormat, PromptRow
+from renio_pl.prompts import PromptRow
 from renio_pl.rollouts import HFGenerator, RolloutGenerator, SamplingConfig, eos_token_ids
 from renio_pl.sampling import stream_key
 
