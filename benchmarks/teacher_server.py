@@ -31,7 +31,8 @@ from renio_pl.demo.task import make_tokenizer  # noqa: E402
 from renio_pl.logprobs import completion_hidden_states  # noqa: E402
 from renio_pl.models import load_tokenizer  # noqa: E402
 from renio_pl.rollouts import Rollout, collate_rollouts  # noqa: E402
-from renio_pl.teacher_server import ServerTeacher, launch_server, stop_server  # noqa: E402
+from renio_pl.teacher_server import ServerTeacher  # noqa: E402
+from renio_pl.teacher_server_launch import launch_server, stop_server  # noqa: E402
 
 
 def tiny_teacher(folder: Path) -> Path:

@@ -11,8 +11,8 @@ weighter read exactly as they read the in-process teacher's.
 Temperature: vLLM computes prompt log-probs at temperature 1 whatever the request's
 temperature. The exact route is to serve a copy of the teacher whose output head is divided
 by the rollout temperature `T` (untied from the input embeddings): `log_softmax(W h / T)` is
-then what the server returns. `write_tempered_teacher` (the command
-`python -m renio_pl.teacher_server temper ...`) writes that copy and records `T` in its
+then what the server returns. `renio_pl.teacher_server_launch.write_tempered_teacher` (the
+command `python -m renio_pl.teacher_server temper ...`) writes that copy and records `T` in its
 `config.json` (`renio_logit_temperature`); the scorer refuses batches sampled at another
 temperature than `served_temperature`.
 
@@ -24,20 +24,17 @@ checkpoint); a teacher whose tokenizer differs from the student's is refused at 
 `/detokenize`); a request longer than the server's `max_model_len` is refused or its rollout
 left out of the loss (`too_long`).
 
+The server side (writing the tempered copy, starting and stopping a server for the tests and
+the benchmark, the `temper` command) is `renio_pl.teacher_server_launch`.
+
 Shapes use the package glossary (`renio_pl/__init__.py`): `B` rollouts, `T` completion tokens, `k` top-k width, `V` vocabulary.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -49,11 +46,10 @@ from torch import Tensor
 from renio_pl.errors import ConfigError
 from renio_pl.losses import TEACHER_LOGPROB_FLOOR, TeacherTopK
 
-__all__ = ["ServerTeacher", "TeacherServerDown", "write_tempered_teacher", "TEMPERATURE_KEY", "launch_server", "stop_server"]
+__all__ = ["ServerTeacher", "TeacherServerDown"]
 
 log = logging.getLogger(__name__)
 
-TEMPERATURE_KEY = "renio_logit_temperature"  # config.json key of a copy written by write_tempered_teacher
 TOO_LONG = ("refuse", "skip")
 PROBE_TEXT = "Solve 12 * (3 + 4) = ?  Answer: 84.\nÜber naïve café — 東京 🙂 <think>\tx_1^2</think>"
 
@@ -273,107 +269,7 @@ class ServerTeacher:
         return TeacherTopK(sampled * mask, ids, logprobs), scored
 
 
-def write_tempered_teacher(teacher: str, out: str, temperature: float, dtype: str = "float32") -> None:
-    """Write a copy of `teacher` whose log-probs at temperature 1 are the teacher's at `temperature`.
+if __name__ == "__main__":  # `python -m renio_pl.teacher_server temper ...`, the command users run
+    from renio_pl.teacher_server_launch import main
 
-    The output head is untied from the input embeddings and divided by `temperature` (its bias
-    too, if any): `log_softmax((W h + b) / T)`. The tokenizer is copied alongside; `config.json`
-    records `T` under `renio_logit_temperature`.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if temperature <= 0:
-        raise ConfigError(f"--temperature must be > 0; got {temperature}")
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=getattr(torch, dtype))
-    head = model.get_output_embeddings()
-    with torch.no_grad():
-        weight = head.weight.detach().clone() / temperature
-        head.weight = torch.nn.Parameter(weight)
-        if getattr(head, "bias", None) is not None:
-            head.bias = torch.nn.Parameter(head.bias.detach().clone() / temperature)
-    model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
-    setattr(model.config, TEMPERATURE_KEY, temperature)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(teacher).save_pretrained(out)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_server(
-    model: str, log_path: str, port: int | None = None, max_model_len: int = 2048, dtype: str = "float32",
-    start_timeout_s: float = 300.0, kill_after_s: float = 3600.0, extra_args: tuple[str, ...] = (),
-) -> tuple[subprocess.Popen, str]:
-    """Start vLLM's OpenAI-compatible server on 127.0.0.1 serving `model` (named `teacher`), and wait until it answers.
-
-    It runs in its own process group (stop it with `stop_server`) under `timeout -s KILL
-    kill_after_s`, with `VLLM_CPU_KVCACHE_SPACE=1` (GiB) unless set. Used by the tests and the
-    benchmark; users start their own with `vllm serve`.
-
-    Returns:
-        (process, url), url like `http://127.0.0.1:PORT`.
-    """
-    port = port or free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    command = [
-        "timeout", "-s", "KILL", str(int(kill_after_s)), sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--enforce-eager",
-        "--max-model-len", str(max_model_len), "--served-model-name", "teacher", *extra_args,
-    ]
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + start_timeout_s
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited ({process.returncode}); its log: {log_path}")
-            try:
-                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-                return process, url
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the vLLM server did not answer within {start_timeout_s}s; its log: {log_path}")
-                time.sleep(1)
-    except BaseException:
-        stop_server(process)
-        raise
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL after 20 s."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m renio_pl.teacher_server")
-    commands = parser.add_subparsers(dest="command", required=True)
-    temper = commands.add_parser("temper", help="write a copy of the teacher whose log-probs are at a temperature")
-    temper.add_argument("teacher", help="the teacher's local folder or hub id")
-    temper.add_argument("out", help="folder to write the copy to (serve it with `vllm serve <out>`)")
-    temper.add_argument("--temperature", type=float, required=True, help="the rollouts' sampling temperature")
-    temper.add_argument("--dtype", default="float32", help="dtype of the written weights (default float32)")
-    args = parser.parse_args(argv)
-    try:
-        write_tempered_teacher(args.teacher, args.out, args.temperature, args.dtype)
-    except (ConfigError, OSError) as error:
-        raise SystemExit(f"error: {error}") from None
-    print(f"wrote {args.out}: serve it with `vllm serve {args.out}` and set model.teacher_server.served_temperature "
-          f"{args.temperature}")
-
-
-if __name__ == "__main__":
     main()

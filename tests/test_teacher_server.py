@@ -32,8 +32,9 @@ from renio_pl.logprobs import completion_hidden_states, score_tokens, score_toke
 from renio_pl.losses import ForwardKL, SampledReverseKL, TopKForwardKL  # noqa: E402
 from renio_pl.models import load_tokenizer  # noqa: E402
 from renio_pl.rollouts import Rollout, collate_rollouts  # noqa: E402
-from renio_pl.teacher_server import (  # noqa: E402
-    TEMPERATURE_KEY, ServerTeacher, free_port, launch_server, stop_server, write_tempered_teacher,
+from renio_pl.teacher_server import ServerTeacher  # noqa: E402
+from renio_pl.teacher_server_launch import (  # noqa: E402
+    TEMPERATURE_KEY, free_port, launch_server, stop_server, write_tempered_teacher,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ from renio_pl.cli import main
 from renio_pl.errors import ConfigError
 from renio_pl.losses import GeneralizedJSD, SampledReverseKL, TopKForwardKL
 from renio_pl.module import DistillationModule
-from renio_pl.teacher_server import TEMPERATURE_KEY, ServerTeacher
+from renio_pl.teacher_server import ServerTeacher
+from renio_pl.teacher_server_launch import TEMPERATURE_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ def test_refused_at_construction_in_one_line(model_dirs):
 
 
 def test_fit_with_no_server_at_the_url_stops_in_one_line(model_dirs, prompt_file, tmp_path):
-    from renio_pl.teacher_server import free_port
+    from renio_pl.teacher_server_launch import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     command = [
