@@ -5,7 +5,7 @@ sample `n` completions of each with the student's current weights, grades them w
 has answers, and serves the rollouts as `RolloutBatch`es. Held-out and benchmark evaluation
 (`val_dataloader()`, `test_dataloader()`, `predict_dataloader()`), loading and rendering the
 prompts and the length policy are the shared base's, `renio_pl.heldout.HeldOutDataModule`. Set
-`trainer.reload_dataloaders_every_n_epochs: 1` (the shipped configs do) so the training
+`trainer.reload_dataloaders_every_n_epochs: 1` (`renio-pl`'s default) so the training
 rounds regenerate. With several processes each rank generates the rollouts of its own share
 of the prompts; the shares are then evened out (`balance_shares`) so that every rank trains
 the same number of batches each round, whatever the prompt count, `n`, batch size or the

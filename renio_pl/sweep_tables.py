@@ -11,14 +11,11 @@ import csv
 from pathlib import Path
 from math import sqrt
 from statistics import mean, stdev
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from renio_pl.callbacks import plot_series, read_series
 from renio_pl.history import Series
 from renio_pl.report import find_metrics, summarize
-
-if TYPE_CHECKING:
-    from renio_pl.sweep import SweepRun
 
 __all__ = ["aggregate", "best_over", "first_epochs", "interval95", "mean_curve", "plot_sweep", "run_metrics",
            "sweep_markdown", "write_tables"]
@@ -28,6 +25,14 @@ MECHANISM = {  # summary name -> the diagnostic averaged over rounds
     "ess_share": "diag/active/ess_share", "top10_loss_share": "diag/active/top10_loss_share", "grad_norm": "diag/grad_norm",
 }
 GROUP_PREFIX = "val/group_accuracy/"
+
+
+class SweepRun(Protocol):
+    """What the tables read of a run of the sweep (`renio_pl.sweep.SweepRun`)."""
+
+    label: str
+    folder: Path
+    options: tuple[tuple[str, str, str], ...]
 
 
 def first_epochs(series: Series, epochs: int) -> Series | None:

@@ -60,9 +60,9 @@ def small_fit(models: dict[str, Path], prompt_file: Path, folder: Path, callback
     config = {
         "seed_everything": 3,
         "trainer": {
-            "accelerator": "cpu", "max_epochs": 3, "reload_dataloaders_every_n_epochs": 1, "num_sanity_val_steps": 0,
+            "accelerator": "cpu", "max_epochs": 3,  # renio-pl's trainer defaults (renio_pl.cli) do the rest
             "enable_progress_bar": False, "enable_model_summary": False, "logger": False, "log_every_n_steps": 1,
-            "default_root_dir": str(folder), "plugins": [{"class_path": "renio_pl.checkpointing.AtomicCheckpointIO"}],
+            "default_root_dir": str(folder),
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"dirpath": str(folder / "checkpoints"), "every_n_train_steps": 1, "save_last": True}},

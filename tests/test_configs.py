@@ -92,7 +92,9 @@ def test_every_fit_config_parses_with_periodic_and_last_checkpoints(config, caps
     checkpoints = [c for c in config_printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     assert checkpoints and checkpoints[0]["init_args"]["save_last"] is True  # periodic + last.ckpt by default
     assert checkpoints[0]["init_args"]["every_n_train_steps"] > 0
-    assert config_printed["trainer"]["plugins"][0]["class_path"] == "renio_pl.checkpointing.AtomicCheckpointIO"
+    trainer = config_printed["trainer"]  # renio-pl's defaults, which no config repeats
+    assert trainer["plugins"][0]["class_path"] == "renio_pl.checkpointing.AtomicCheckpointIO"
+    assert (trainer["reload_dataloaders_every_n_epochs"], trainer["num_sanity_val_steps"]) == (1, 0)
 
 
 @pytest.mark.parametrize("config", EVAL, ids=name)

@@ -64,7 +64,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from renio_pl.evaluators.sandbox_process import LaunchedProcess, Report, RunResult
+from renio_pl.evaluators.sandbox_process import LaunchedProcess, Limits, Report, RunResult
 
 __all__ = ["Limits", "RunResult", "Capabilities", "SandboxError", "capabilities", "run", "UID_BASE"]
 
@@ -78,33 +78,6 @@ _JAIL_MOUNTPOINTS = ("/mnt", "/media", "/srv", "/opt", "/home", "/tmp")
 
 class SandboxError(RuntimeError):
     """The sandbox could not start a program (a host problem, not the program's fault)."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits of one run.
-
-    Attributes:
-        timeout_s: wall-clock seconds before the whole process tree is killed.
-        memory_bytes: address space of each process (RLIMIT_AS; RLIMIT_DATA too).
-        stack_bytes: stack of each process (RLIMIT_STACK); None keeps the evaluator's.
-        processes: processes and threads of the sandbox uid (RLIMIT_NPROC; root only).
-        file_bytes: largest file the program may write (RLIMIT_FSIZE).
-        open_files: open file descriptors per process (RLIMIT_NOFILE).
-        tmp_bytes: size of each private tmpfs (/tmp, /dev/shm).
-        output_bytes: bytes of stdout and of stderr kept; the rest is read and dropped.
-        report_bytes: longest report line accepted on fd 3; a longer one stops the run.
-    """
-
-    timeout_s: float = 10.0
-    memory_bytes: int = 4 << 30
-    stack_bytes: int | None = None
-    processes: int = 64
-    file_bytes: int = 64 << 20
-    open_files: int = 256
-    tmp_bytes: int = 64 << 20
-    output_bytes: int = 64 << 10
-    report_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""One sandboxed run from the evaluator's side: the launcher process and its pipes.
+"""One sandboxed run from the evaluator's side: the launcher process and its pipes, what the
+run is allowed (`Limits`) and what it leaves behind (`RunResult`).
 
 `sandbox.run` decides the run's configuration (uid, jail, limits) and hands it to
 `LaunchedProcess`, which spawns `sandbox_launcher.py` with it, feeds stdin, drains stdout and
@@ -20,15 +21,38 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from renio_pl.evaluators.sandbox import Limits
-
-__all__ = ["LaunchedProcess", "Report", "RunResult"]
+__all__ = ["LaunchedProcess", "Limits", "Report", "RunResult"]
 
 # The launcher script beside this file: not imported, it runs as its own isolated interpreter.
 _LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one run.
+
+    Attributes:
+        timeout_s: wall-clock seconds before the whole process tree is killed.
+        memory_bytes: address space of each process (RLIMIT_AS; RLIMIT_DATA too).
+        stack_bytes: stack of each process (RLIMIT_STACK); None keeps the evaluator's.
+        processes: processes and threads of the sandbox uid (RLIMIT_NPROC; root only).
+        file_bytes: largest file the program may write (RLIMIT_FSIZE).
+        open_files: open file descriptors per process (RLIMIT_NOFILE).
+        tmp_bytes: size of each private tmpfs (/tmp, /dev/shm).
+        output_bytes: bytes of stdout and of stderr kept; the rest is read and dropped.
+        report_bytes: longest report line accepted on fd 3; a longer one stops the run.
+    """
+
+    timeout_s: float = 10.0
+    memory_bytes: int = 4 << 30
+    stack_bytes: int | None = None
+    processes: int = 64
+    file_bytes: int = 64 << 20
+    open_files: int = 256
+    tmp_bytes: int = 64 << 20
+    output_bytes: int = 64 << 10
+    report_bytes: int = 64 << 20
 
 
 @dataclass
