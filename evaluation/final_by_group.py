@@ -4,8 +4,8 @@ trained without `data.group_field`.
 For each run folder (`SWEEP/<label>/.../seed<N>/`) this evaluates the run's last checkpoint
 with `renio-pl validate` (the run's own `config.yaml`, plus `--data.group_field GROUP`), which
 writes `final_by_group/metrics.csv` there (an existing one is reused), then prints per
-combination of options the mean ± 95% interval over seeds (`renio_pl.sweep_tables.interval95`)
-of the accuracy and of each group's accuracy, as a markdown table.
+combination of options the mean ± 95% interval over seeds of the accuracy and of each group's
+accuracy, as the sweep's own markdown table (`renio_pl.sweep_tables`).
 
     python evaluation/final_by_group.py runs/answer_long --group-field group
 
@@ -20,15 +20,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from statistics import mean
 
-from renio_pl.sweep_tables import interval95
+from renio_pl.sweep_tables import GROUP_PREFIX, aggregate, sweep_markdown
 
 OUT = "final_by_group"
 
 
 def evaluate(run: Path, group_field: str) -> dict[str, float]:
-    """The metrics `renio-pl validate` logs for `run`'s last checkpoint, grouped by `group_field`."""
+    """`run`'s final accuracy, overall and per group of `group_field`, from its last checkpoint."""
     metrics = run / OUT / "metrics.csv"
     if not metrics.is_file():
         version = sorted(run.glob("version_*"))[-1]
@@ -40,7 +39,10 @@ def evaluate(run: Path, group_field: str) -> dict[str, float]:
                             "--trainer.callbacks", "null", "--trainer.logger", json.dumps(logger)],
                            stdout=log, stderr=subprocess.STDOUT, check=True)
     row = next(csv.DictReader(metrics.open()))
-    return {name: float(value) for name, value in row.items() if name.startswith("val/") and value}
+    found = {"final_accuracy": float(row["val/accuracy"])}  # the names of `renio_pl.sweep_tables.run_metrics`
+    found |= {"final_group_accuracy/" + name.removeprefix(GROUP_PREFIX): float(value)
+              for name, value in row.items() if name.startswith(GROUP_PREFIX) and value}
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,21 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep", type=Path, help="the sweep's --out folder")
     parser.add_argument("--group-field", required=True, help="the held-out data's group column")
     args = parser.parse_args(argv)
-    by_label: dict[str, list[dict[str, float]]] = {}
+    results = []
     for result_file in sorted(args.sweep.glob("**/seed*/result.json")):
         result = json.loads(result_file.read_text())
         if result["returncode"] == 0:
-            by_label.setdefault(result["label"], []).append(evaluate(result_file.parent, args.group_field))
-    names = sorted({name for runs in by_label.values() for metrics in runs for name in metrics})
-    print("| options | seeds | " + " | ".join(f"final {n.removeprefix('val/')} (%)" for n in names) + " |")
-    print("|---|---|" + "---|" * len(names))
-    for label, runs in by_label.items():
-        cells = []
-        for name in names:
-            values = [100 * metrics[name] for metrics in runs if name in metrics]
-            half = interval95(values)
-            cells.append(f"{mean(values):.1f}" + (f" ± {half:.1f}" if half is not None else ""))
-        print(f"| `{label}` | {len(runs)} | " + " | ".join(cells) + " |")
+            results.append({**result, "metrics": evaluate(result_file.parent, args.group_field)})
+    print(sweep_markdown("", aggregate(results), f"# Final held-out accuracy per `{args.group_field}`\n"), end="")
 
 
 if __name__ == "__main__":
